@@ -1,0 +1,88 @@
+//! The admin listener (`server.admin_listen`):
+//! - `GET /healthz` — 200 while the process runs;
+//! - `GET /readyz` — 200 when secrets are loaded and the replay store answers, 503 otherwise and
+//!   from the moment shutdown begins;
+//! - `GET /metrics` — Prometheus text format.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+
+use crate::body::{ProxyBody, full};
+use crate::replay::Store;
+use crate::server::Shared;
+
+/// A readiness probe must answer even when Redis hangs.
+const STORE_PING_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub struct Admin {
+    shared: Arc<Shared>,
+}
+
+impl Admin {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Admin { shared }
+    }
+
+    pub async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+        let response = match (request.method(), request.uri().path()) {
+            (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
+            (&Method::GET | &Method::HEAD, "/readyz") => self.readiness().await,
+            (&Method::GET | &Method::HEAD, "/metrics") => {
+                let mut response = text(
+                    StatusCode::OK,
+                    self.shared.metrics.render(&self.shared.replay),
+                );
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                response
+            }
+            (_, "/healthz" | "/readyz" | "/metrics") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: the admin port serves /healthz, /readyz and /metrics\n",
+            ),
+        };
+        Ok(response)
+    }
+
+    async fn readiness(&self) -> Response<ProxyBody> {
+        if self.shared.draining.load(Ordering::SeqCst) {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+        }
+        if self.shared.secrets.load().partner_count() == 0 {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no partner secrets loaded\n",
+            );
+        }
+        match tokio::time::timeout(STORE_PING_TIMEOUT, self.shared.replay.ping()).await {
+            Ok(Ok(())) => text(StatusCode::OK, "ready\n"),
+            Ok(Err(err)) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("replay store: {err}\n"),
+            ),
+            Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "replay store: no answer\n"),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<ProxyBody> {
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}

@@ -1,0 +1,468 @@
+//! Configuration (SPEC §6): built-in defaults < TOML file < `LFGUARD_SECTION__KEY` environment
+//! variables, merged by figment, then one validation pass that reports every problem with its key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::signature::{Encoding, NullValues};
+
+/// Environment variable naming the config file when `--config` is not given.
+pub const CONFIG_ENV: &str = "LFGUARD_CONFIG";
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub verify: VerifyConfig,
+    pub replay: ReplayConfig,
+    pub log: LogConfig,
+    pub routes: Vec<RouteConfig>,
+    /// A directory with one file per partner code, one secret a line (a mounted Secret).
+    pub partners_dir: Option<PathBuf>,
+    /// How often `partners_dir` and `secret_files` are re-read for changes (SIGHUP reloads too).
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+    pub partners: BTreeMap<String, PartnerConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            upstream: UpstreamConfig::default(),
+            verify: VerifyConfig::default(),
+            replay: ReplayConfig::default(),
+            log: LogConfig::default(),
+            routes: Vec::new(),
+            partners_dir: None,
+            reload_interval: Duration::from_secs(10),
+            partners: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub max_body_bytes: u64,
+    /// Limit for receiving a request's headers; also how long an idle keep-alive connection
+    /// is kept, since hyper starts this timer whenever it waits for the next request.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    pub max_connections: usize,
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Tokio worker threads; 0 means one per core.
+    pub worker_threads: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "0.0.0.0:8080".parse().expect("literal address"),
+            admin_listen: "0.0.0.0:9090".parse().expect("literal address"),
+            max_body_bytes: 256 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(15),
+            max_connections: 1024,
+            max_headers: 64,
+            max_header_bytes: 16 * 1024,
+            shutdown_grace: Duration::from_secs(20),
+            worker_threads: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `http://host:port` with an optional path prefix; the request path is appended to it.
+    pub url: String,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: "http://127.0.0.1:8081".into(),
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            pool_max_idle_per_host: 256,
+            pool_idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VerifyConfig {
+    pub signature_encoding: Encoding,
+    pub null_values: NullValues,
+    pub require_delivery_id: bool,
+    pub timestamp_fields: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_skew: Duration,
+}
+
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        VerifyConfig {
+            signature_encoding: Encoding::Auto,
+            null_values: NullValues::Empty,
+            require_delivery_id: true,
+            timestamp_fields: vec!["received_at".into()],
+            max_age: Duration::from_secs(24 * 3600),
+            max_skew: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDuplicate {
+    #[default]
+    Acknowledge,
+    Reject,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplayConfig {
+    pub store: StoreKind,
+    /// How long a delivered callback is remembered; at least `max_age + max_skew`.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    pub capacity: u64,
+    pub on_duplicate: OnDuplicate,
+    pub redis_url: Option<String>,
+    pub key_prefix: String,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        ReplayConfig {
+            store: StoreKind::Memory,
+            window: Duration::from_secs(25 * 3600),
+            capacity: 100_000,
+            on_duplicate: OnDuplicate::Acknowledge,
+            redis_url: None,
+            key_prefix: "lfguard:".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter (`info`, `lfguard=debug`); `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Json,
+            level: "info".into(),
+        }
+    }
+}
+
+/// A path prefix passed through without verification (any method), e.g. a backend health page.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub path_prefix: String,
+    pub verify: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PartnerConfig {
+    /// Inline secrets: for development only (a warning is logged at start).
+    pub secrets: Vec<String>,
+    pub secret_files: Vec<PathBuf>,
+    pub secret_env: Vec<String>,
+}
+
+/// Every problem found in a configuration, each naming its key.
+#[derive(Debug)]
+pub struct ConfigError(pub Vec<String>);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "invalid configuration:")?;
+        for problem in &self.0 {
+            writeln!(f, "  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The figment of defaults, the file (when given) and the environment.
+pub fn figment(path: Option<&Path>) -> Figment {
+    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    if let Some(path) = path {
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    figment.merge(env_provider())
+}
+
+/// Top-level keys that an environment variable without `__` may set.
+const TOP_LEVEL_ENV_KEYS: [&str; 2] = ["PARTNERS_DIR", "RELOAD_INTERVAL"];
+
+/// `LFGUARD_SECTION__KEY` → `section.key`. Keys are lowercased, except a partner code
+/// (`LFGUARD_PARTNERS__P002671__SECRET_ENV`), whose case is significant. Other `LFGUARD_*`
+/// variables (`LFGUARD_CONFIG`, a secret named in `secret_env`) are not configuration.
+fn env_provider() -> Env {
+    // `lowercase(false)` must come last: figment's `filter` and `map` reset it.
+    Env::prefixed("LFGUARD_")
+        .filter(|key| {
+            key.as_str().contains("__")
+                || TOP_LEVEL_ENV_KEYS
+                    .iter()
+                    .any(|top| key.as_str().eq_ignore_ascii_case(top))
+        })
+        .map(|key| {
+            let mut parts: Vec<String> = key.as_str().split("__").map(str::to_string).collect();
+            let is_partner = parts[0].eq_ignore_ascii_case("partners");
+            for (i, part) in parts.iter_mut().enumerate() {
+                if !(is_partner && i == 1) {
+                    *part = part.to_ascii_lowercase();
+                }
+            }
+            parts.join(".").into()
+        })
+        .lowercase(false)
+}
+
+/// Loads and validates: the one entry point used by `serve` and `check-config`.
+pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    if let Some(path) = path
+        && !path.is_file()
+    {
+        return Err(ConfigError(vec![format!(
+            "config file {} does not exist or is not a file",
+            path.display()
+        )]));
+    }
+    let config: Config = figment(path).extract().map_err(|err| {
+        ConfigError(
+            err.into_iter()
+                .map(|e| {
+                    let key = e.path.join(".");
+                    if key.is_empty() {
+                        e.to_string()
+                    } else {
+                        format!("{key}: {}", e.kind)
+                    }
+                })
+                .collect(),
+        )
+    })?;
+    config.validate()
+}
+
+impl Config {
+    /// Checks what serde cannot: ranges, relations between keys, and that the secret sources are
+    /// well formed. Every problem is reported, not just the first.
+    pub fn validate(self) -> Result<Self, ConfigError> {
+        let mut problems = Vec::new();
+        let server = &self.server;
+        if server.max_body_bytes == 0 {
+            problems.push("server.max_body_bytes: must be greater than 0".into());
+        }
+        for (key, value) in [
+            ("server.header_read_timeout", server.header_read_timeout),
+            ("server.body_read_timeout", server.body_read_timeout),
+            ("upstream.timeout", self.upstream.timeout),
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("reload_interval", self.reload_interval),
+        ] {
+            if value.is_zero() {
+                problems.push(format!("{key}: must be greater than 0"));
+            }
+        }
+        if server.max_connections == 0 {
+            problems.push("server.max_connections: must be greater than 0".into());
+        }
+        if server.max_headers == 0 {
+            problems.push("server.max_headers: must be greater than 0".into());
+        }
+        if server.max_header_bytes < 8192 {
+            problems.push("server.max_header_bytes: must be at least 8192".into());
+        }
+        if let Err(problem) = crate::proxy::UpstreamTarget::parse(&self.upstream.url) {
+            problems.push(format!("upstream.url: {problem}"));
+        }
+        let needed = self.verify.max_age + self.verify.max_skew;
+        if self.replay.window < needed {
+            problems.push(format!(
+                "replay.window: {} is shorter than verify.max_age + verify.max_skew ({}); a replay \
+                 could arrive after it was forgotten but while still fresh",
+                humantime::format_duration(self.replay.window),
+                humantime::format_duration(needed)
+            ));
+        }
+        if self.replay.capacity == 0 {
+            problems.push("replay.capacity: must be greater than 0".into());
+        }
+        if self.replay.store == StoreKind::Redis && self.replay.redis_url.is_none() {
+            problems.push("replay.redis_url: required when replay.store = \"redis\"".into());
+        }
+        if let Some(url) = &self.replay.redis_url
+            && !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("redis+unix://")
+                || url.starts_with("unix://"))
+        {
+            problems
+                .push("replay.redis_url: must start with redis://, rediss:// or unix://".into());
+        }
+        if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            problems.push(format!("log.level: {err}"));
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            if !route.path_prefix.starts_with('/') {
+                problems.push(format!("routes[{i}].path_prefix: must start with '/'"));
+            }
+            if route.verify {
+                problems.push(format!(
+                    "routes[{i}].verify: only `verify = false` routes are supported; every other \
+                     POST is verified already"
+                ));
+            }
+        }
+        for code in self.partners.keys() {
+            if !crate::secrets::is_partner_code(code) {
+                problems.push(format!(
+                    "partners.{code}: a partner code is letters, digits, '-' and '_'"
+                ));
+            }
+        }
+        if self.partners.is_empty() && self.partners_dir.is_none() {
+            problems.push(
+                "partners: no partner is configured (add [partners.CODE] or partners_dir)".into(),
+            );
+        }
+        if let Err(mut secret_problems) = crate::secrets::SecretStore::load(&self) {
+            problems.append(&mut secret_problems);
+        }
+        if problems.is_empty() {
+            Ok(self)
+        } else {
+            Err(ConfigError(problems))
+        }
+    }
+
+    /// The effective configuration as TOML with every inline secret replaced, for `check-config`.
+    pub fn redacted_toml(&self) -> String {
+        let mut copy = self.clone();
+        for partner in copy.partners.values_mut() {
+            for secret in &mut partner.secrets {
+                *secret = "<redacted>".into();
+            }
+        }
+        if let Some(url) = &mut copy.replay.redis_url {
+            *url = redact_url_password(url);
+        }
+        toml::to_string_pretty(&copy).expect("config serializes to TOML")
+    }
+}
+
+/// `redis://user:pass@host` → `redis://user:<redacted>@host`.
+fn redact_url_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let Some(at) = rest.find('@') else {
+        return url.to_string();
+    };
+    let userinfo = &rest[..at];
+    let user = userinfo.split(':').next().unwrap_or("");
+    format!(
+        "{}://{user}:<redacted>@{}",
+        &url[..scheme_end],
+        &rest[at + 1..]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_password_is_redacted() {
+        assert_eq!(
+            redact_url_password("redis://u:p4ss@h:6379/0"),
+            "redis://u:<redacted>@h:6379/0"
+        );
+        assert_eq!(redact_url_password("redis://h:6379"), "redis://h:6379");
+    }
+
+    #[test]
+    fn window_shorter_than_freshness_is_refused() {
+        let mut config = Config::default();
+        config.partners.insert(
+            "P1".into(),
+            PartnerConfig {
+                secrets: vec!["k".into()],
+                ..Default::default()
+            },
+        );
+        config.replay.window = Duration::from_secs(3600);
+        let err = config.clone().validate().unwrap_err();
+        assert!(
+            err.0.iter().any(|p| p.starts_with("replay.window")),
+            "{err}"
+        );
+        config.replay.window = Duration::from_secs(24 * 3600 + 300);
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn defaults_are_consistent() {
+        let defaults = Config::default();
+        assert!(defaults.replay.window >= defaults.verify.max_age + defaults.verify.max_skew);
+    }
+}

@@ -1,0 +1,194 @@
+//! Every way lfguard refuses a request (SPEC §5), and the one place that turns a refusal into a
+//! status, a stable code and a JSON body.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::{ProxyBody, full};
+
+/// A refused request. Each variant has exactly one status and one SPEC §5 code; the `String` is a
+/// human-readable detail that never contains a secret or a body value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    MalformedBody(String),
+    DuplicateKey(String),
+    MissingPartner(String),
+    MissingDeliveryId(String),
+    MissingSignature,
+    BadSignature(String),
+    UnknownPartner,
+    Stale(String),
+    MethodNotAllowed,
+    RequestTimeout,
+    Replay,
+    InFlight { retry_after_secs: u64 },
+    BodyTooLarge { limit: u64 },
+    UnsupportedMediaType,
+    UpstreamUnavailable(String),
+    ReplayStoreUnavailable(String),
+    UpstreamTimeout,
+}
+
+impl Rejection {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Rejection::MalformedBody(_)
+            | Rejection::DuplicateKey(_)
+            | Rejection::MissingPartner(_)
+            | Rejection::MissingDeliveryId(_) => StatusCode::BAD_REQUEST,
+            Rejection::MissingSignature
+            | Rejection::BadSignature(_)
+            | Rejection::UnknownPartner
+            | Rejection::Stale(_) => StatusCode::UNAUTHORIZED,
+            Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Rejection::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Rejection::Replay | Rejection::InFlight { .. } => StatusCode::CONFLICT,
+            Rejection::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Rejection::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
+            Rejection::ReplayStoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The stable machine-readable code of SPEC §5, also the `code` label in logs and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::MalformedBody(_) => "malformed_body",
+            Rejection::DuplicateKey(_) => "duplicate_key",
+            Rejection::MissingPartner(_) => "missing_partner",
+            Rejection::MissingDeliveryId(_) => "missing_delivery_id",
+            Rejection::MissingSignature => "missing_signature",
+            Rejection::BadSignature(_) => "bad_signature",
+            Rejection::UnknownPartner => "unknown_partner",
+            Rejection::Stale(_) => "stale",
+            Rejection::MethodNotAllowed => "method_not_allowed",
+            Rejection::RequestTimeout => "request_timeout",
+            Rejection::Replay => "replay",
+            Rejection::InFlight { .. } => "in_flight",
+            Rejection::BodyTooLarge { .. } => "body_too_large",
+            Rejection::UnsupportedMediaType => "unsupported_media_type",
+            Rejection::UpstreamUnavailable(_) => "upstream_unavailable",
+            Rejection::ReplayStoreUnavailable(_) => "replay_store_unavailable",
+            Rejection::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            Rejection::MalformedBody(detail) => format!("malformed body: {detail}"),
+            Rejection::DuplicateKey(detail) => format!("body has a {detail}"),
+            Rejection::MissingPartner(detail) => detail.clone(),
+            Rejection::MissingDeliveryId(detail) => detail.clone(),
+            Rejection::MissingSignature => "x-lf-md5 header is missing".into(),
+            Rejection::BadSignature(detail) => detail.clone(),
+            Rejection::UnknownPartner => "partner_code is not configured".into(),
+            Rejection::Stale(detail) => detail.clone(),
+            Rejection::MethodNotAllowed => "only POST callbacks are accepted".into(),
+            Rejection::RequestTimeout => "request body was not received in time".into(),
+            Rejection::Replay => "this callback was already delivered".into(),
+            Rejection::InFlight { .. } => {
+                "a copy of this callback is being delivered; retry later".into()
+            }
+            Rejection::BodyTooLarge { limit } => format!("body exceeds {limit} bytes"),
+            Rejection::UnsupportedMediaType => {
+                "content type must be application/json or application/x-www-form-urlencoded".into()
+            }
+            Rejection::UpstreamUnavailable(detail) => format!("backend unreachable: {detail}"),
+            Rejection::ReplayStoreUnavailable(detail) => {
+                format!("replay store unavailable: {detail}")
+            }
+            Rejection::UpstreamTimeout => "backend did not answer in time".into(),
+        }
+    }
+
+    /// The JSON error response of SPEC §5.
+    pub fn to_response(&self) -> Response<ProxyBody> {
+        let body = serde_json::json!({
+            "error": { "code": self.code(), "message": self.message() }
+        });
+        let mut response = Response::new(full(Bytes::from(body.to_string())));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        match self {
+            Rejection::MethodNotAllowed => {
+                headers.insert(header::ALLOW, HeaderValue::from_static("POST"));
+            }
+            Rejection::InFlight { retry_after_secs } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            Rejection::ReplayStoreUnavailable(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_has_its_spec_status() {
+        let all = [
+            (
+                Rejection::MalformedBody(String::new()),
+                400,
+                "malformed_body",
+            ),
+            (Rejection::DuplicateKey(String::new()), 400, "duplicate_key"),
+            (
+                Rejection::MissingPartner(String::new()),
+                400,
+                "missing_partner",
+            ),
+            (
+                Rejection::MissingDeliveryId(String::new()),
+                400,
+                "missing_delivery_id",
+            ),
+            (Rejection::MissingSignature, 401, "missing_signature"),
+            (Rejection::BadSignature(String::new()), 401, "bad_signature"),
+            (Rejection::UnknownPartner, 401, "unknown_partner"),
+            (Rejection::Stale(String::new()), 401, "stale"),
+            (Rejection::MethodNotAllowed, 405, "method_not_allowed"),
+            (Rejection::RequestTimeout, 408, "request_timeout"),
+            (Rejection::Replay, 409, "replay"),
+            (
+                Rejection::InFlight {
+                    retry_after_secs: 1,
+                },
+                409,
+                "in_flight",
+            ),
+            (Rejection::BodyTooLarge { limit: 1 }, 413, "body_too_large"),
+            (
+                Rejection::UnsupportedMediaType,
+                415,
+                "unsupported_media_type",
+            ),
+            (
+                Rejection::UpstreamUnavailable(String::new()),
+                502,
+                "upstream_unavailable",
+            ),
+            (
+                Rejection::ReplayStoreUnavailable(String::new()),
+                503,
+                "replay_store_unavailable",
+            ),
+            (Rejection::UpstreamTimeout, 504, "upstream_timeout"),
+        ];
+        for (rejection, status, code) in all {
+            assert_eq!(rejection.status().as_u16(), status, "{code}");
+            assert_eq!(rejection.code(), code);
+            assert_eq!(rejection.to_response().status().as_u16(), status);
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! lfguard: a reverse proxy that verifies Linksfield callbacks before they reach a backend.
+//! `main.rs` only parses the command line; everything here is usable from tests.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod freshness;
+pub mod logging;
+pub mod metrics;
+pub mod proxy;
+pub mod replay;
+pub mod secrets;
+pub mod server;
+pub mod signature;

@@ -1,0 +1,70 @@
+//! Parses the command line, loads the configuration, starts logging and runs.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use lfguard::cli::{self, Cli, Command};
+use lfguard::config::{self, Config};
+
+/// EX_USAGE from sysexits.h: the configuration is invalid.
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.as_ref().unwrap_or(&Command::Serve) {
+        Command::Serve => match load(&cli) {
+            Ok(config) => serve(config),
+            Err(code) => code,
+        },
+        Command::CheckConfig => match load(&cli) {
+            Ok(config) => {
+                print!("{}", config.redacted_toml());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Sign(args) => report(cli::sign(args).map(|()| true)),
+        Command::Verify(args) => report(cli::verify(args)),
+        Command::Send(args) => report(runtime(0).block_on(cli::send(args))),
+    }
+}
+
+fn load(cli: &Cli) -> Result<Config, ExitCode> {
+    config::load(cli.config.as_deref()).map_err(|err| {
+        eprint!("lfguard: {err}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn serve(config: Config) -> ExitCode {
+    lfguard::logging::init(&config.log);
+    match runtime(config.server.worker_threads).block_on(lfguard::server::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %err, "lfguard cannot start");
+            eprintln!("lfguard: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `Ok(true)` → 0, `Ok(false)` → 1, `Err` → 2 with the message.
+fn report(result: Result<bool, String>) -> ExitCode {
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(err) => {
+            eprintln!("lfguard: {err}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn runtime(worker_threads: usize) -> tokio::runtime::Runtime {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if worker_threads > 0 {
+        builder.worker_threads(worker_threads);
+    }
+    builder.build().expect("the tokio runtime starts")
+}

@@ -1,0 +1,635 @@
+//! The request pipeline: limit → buffer → parse → verify → freshness → replay claim → forward →
+//! settle. `Proxy::handle` is the hyper service; each step is a named function below it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::body::{ProxyBody, full};
+use crate::config::{Config, OnDuplicate};
+use crate::error::Rejection;
+use crate::freshness::{self, Staleness};
+use crate::metrics::Metrics;
+use crate::replay::{AnyStore, Claim, ClaimGuard, Store};
+use crate::secrets::{SecretStore, is_partner_code};
+use crate::signature::{self, Body, Value};
+
+const SIGNATURE_HEADER: &str = "x-lf-md5";
+const DELIVERY_HEADER: &str = "x-lf-delivery";
+const OWN_HEADER_PREFIX: &str = "x-lfguard-";
+const MAX_DELIVERY_ID_LEN: usize = 128;
+
+/// Time an in-flight claim outlives the upstream timeout, so a claim never expires while its
+/// request may still be delivered.
+const CLAIM_MARGIN: Duration = Duration::from_secs(5);
+
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus those we set ourselves.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Where requests are forwarded: `http://authority` plus an optional path prefix.
+#[derive(Debug, Clone)]
+pub struct UpstreamTarget {
+    authority: Authority,
+    base_path: String,
+}
+
+impl UpstreamTarget {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let uri: Uri = url.parse().map_err(|err| format!("{err}"))?;
+        if uri.scheme() != Some(&Scheme::HTTP) {
+            return Err("must be an http:// URL (the backend sits beside lfguard)".into());
+        }
+        let authority = uri.authority().cloned().ok_or("has no host")?;
+        if uri.query().is_some() {
+            return Err("must not have a query".into());
+        }
+        let base_path = uri.path().trim_end_matches('/').to_string();
+        Ok(UpstreamTarget {
+            authority,
+            base_path,
+        })
+    }
+
+    fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
+        let tail = path_and_query.map_or("/", PathAndQuery::as_str);
+        Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(self.authority.clone())
+            .path_and_query(format!("{}{tail}", self.base_path))
+            .build()
+            .expect("authority and path were valid separately")
+    }
+}
+
+/// What a request came to, for the log event and metrics.
+#[derive(Debug, Default)]
+pub struct RequestLog {
+    pub partner: Option<String>,
+    pub delivery_id: Option<String>,
+    pub key_id: Option<String>,
+    pub upstream_seconds: Option<f64>,
+}
+
+/// The outcome code for a request lfguard did not refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    Forwarded,
+    Duplicate,
+    PassedThrough,
+}
+
+impl Accepted {
+    pub fn code(self) -> &'static str {
+        match self {
+            Accepted::Forwarded => "forwarded",
+            Accepted::Duplicate => "duplicate",
+            Accepted::PassedThrough => "passed_through",
+        }
+    }
+}
+
+/// A callback that passed every check, ready to forward.
+struct Verified {
+    partner: String,
+    delivery_id: Option<String>,
+    key_id: String,
+    replay_key: String,
+}
+
+pub struct Proxy {
+    config: Arc<Config>,
+    secrets: Arc<ArcSwap<SecretStore>>,
+    replay: Arc<AnyStore>,
+    metrics: Arc<Metrics>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    upstream: UpstreamTarget,
+}
+
+impl Proxy {
+    pub fn new(
+        config: Arc<Config>,
+        secrets: Arc<ArcSwap<SecretStore>>,
+        replay: Arc<AnyStore>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let upstream = UpstreamTarget::parse(&config.upstream.url)
+            .expect("upstream.url was validated at config load");
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.upstream.connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(config.upstream.pool_max_idle_per_host)
+            .pool_idle_timeout(config.upstream.pool_idle_timeout)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(connector);
+        Proxy {
+            config,
+            secrets,
+            replay,
+            metrics,
+            client,
+            upstream,
+        }
+    }
+
+    /// The service: runs the pipeline, answers refusals, and emits the one log event and the
+    /// metrics of the request.
+    pub async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+        let started = Instant::now();
+        let arrived = SystemTime::now();
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        let mut log = RequestLog::default();
+        let (response, code) = match self.pipeline(request, peer, arrived, &mut log).await {
+            Ok((response, accepted)) => (response, accepted.code()),
+            Err(rejection) => {
+                let response = rejection.to_response();
+                tracing::info!(
+                    target: "lfguard::request",
+                    reason = %rejection.message(),
+                    code = rejection.code(),
+                    "rejected"
+                );
+                (response, rejection.code())
+            }
+        };
+        let elapsed = started.elapsed();
+        let partner = log
+            .partner
+            .as_deref()
+            .filter(|p| self.secrets.load().contains(p));
+        self.metrics
+            .observe_request(code, partner, elapsed, log.upstream_seconds);
+        tracing::info!(
+            target: "lfguard::request",
+            code,
+            status = response.status().as_u16(),
+            method = %method,
+            path = %path,
+            partner = log.partner.as_deref().unwrap_or(""),
+            delivery_id = log.delivery_id.as_deref().unwrap_or(""),
+            key_id = log.key_id.as_deref().unwrap_or(""),
+            peer = %peer,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
+        Ok(response)
+    }
+
+    async fn pipeline(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+        arrived: SystemTime,
+        log: &mut RequestLog,
+    ) -> Result<(Response<ProxyBody>, Accepted), Rejection> {
+        let (parts, incoming) = request.into_parts();
+
+        // Operators may pass a backend's own pages (health, status) through unverified.
+        if self.is_passthrough(&parts) {
+            let body = self.read_body(&parts, incoming).await?;
+            let forward = self.upstream_request(&parts, body, peer, None);
+            let response = self.send_upstream(forward, log).await?;
+            return Ok((response, Accepted::PassedThrough));
+        }
+        if parts.method != Method::POST {
+            return Err(Rejection::MethodNotAllowed);
+        }
+        let form = content_kind(&parts.headers)?;
+        // Header checks first: a request without them is refused before its body is read.
+        let signature = signature_header(&parts.headers)?;
+        log.delivery_id = delivery_id(&parts.headers, self.config.verify.require_delivery_id)?;
+        let body = self.read_body(&parts, incoming).await?;
+        let parsed = parse_body(&body, form)?;
+        let partner = partner_code(&parsed)?;
+        log.partner = Some(partner.to_string());
+        let key_id = self.verify_signature(&parsed, partner, signature)?;
+        log.key_id = Some(key_id.0.clone());
+        self.check_freshness(&parsed, arrived)?;
+        let verified = Verified {
+            partner: partner.to_string(),
+            delivery_id: log.delivery_id.clone(),
+            key_id: key_id.0,
+            replay_key: format!("{partner}:{}", signature::hex_string(&key_id.1)),
+        };
+
+        // Replay claim: the first copy owns the key until the backend has answered.
+        let guard = match self.claim(&verified.replay_key).await? {
+            Some(guard) => guard,
+            None => return Ok((duplicate_response(), Accepted::Duplicate)),
+        };
+        let forward = self.upstream_request(&parts, body, peer, Some(&verified));
+        let result = self.send_upstream(forward, log).await;
+
+        // Settle: only a 2xx from the backend makes the callback delivered; anything else frees
+        // the key so Linksfield's retry is forwarded again.
+        let delivered = matches!(&result, Ok(response) if response.status().is_success());
+        let settled = if delivered {
+            guard.settle(self.config.replay.window).await
+        } else {
+            guard.release().await
+        };
+        if let Err(err) = settled {
+            tracing::warn!(error = %err, delivered, "could not settle the replay claim");
+        }
+        Ok((result?, Accepted::Forwarded))
+    }
+
+    fn is_passthrough(&self, parts: &Parts) -> bool {
+        let path = parts.uri.path();
+        self.config
+            .routes
+            .iter()
+            .any(|route| !route.verify && path.starts_with(&route.path_prefix))
+    }
+
+    /// Buffers the body within `server.max_body_bytes` and `server.body_read_timeout`. A declared
+    /// Content-Length over the limit is refused before a byte is read.
+    async fn read_body(&self, parts: &Parts, incoming: Incoming) -> Result<Bytes, Rejection> {
+        let limit = self.config.server.max_body_bytes;
+        let too_large = Rejection::BodyTooLarge { limit };
+        if let Some(length) = parts.headers.get(header::CONTENT_LENGTH)
+            && length
+                .to_str()
+                .ok()
+                .and_then(|l| l.parse::<u64>().ok())
+                .is_none_or(|l| l > limit)
+        {
+            return Err(too_large);
+        }
+        let limited = Limited::new(incoming, usize::try_from(limit).unwrap_or(usize::MAX));
+        match tokio::time::timeout(self.config.server.body_read_timeout, limited.collect()).await {
+            Err(_elapsed) => Err(Rejection::RequestTimeout),
+            Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => Err(too_large),
+            Ok(Err(err)) => Err(Rejection::MalformedBody(format!(
+                "body could not be read: {err}"
+            ))),
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        }
+    }
+
+    /// Tries each of the partner's secrets; the matching one names the forwarded key id.
+    fn verify_signature(
+        &self,
+        body: &Body<'_>,
+        partner: &str,
+        signature: &HeaderValue,
+    ) -> Result<(String, [u8; 16]), Rejection> {
+        let secrets = self.secrets.load();
+        let keys = secrets.keys(partner).ok_or(Rejection::UnknownPartner)?;
+        let claimed =
+            signature::decode_header(signature.as_bytes(), self.config.verify.signature_encoding)
+                .ok_or_else(|| {
+                Rejection::BadSignature(
+                    "x-lf-md5 is not a base64 md5 digest in an accepted encoding".into(),
+                )
+            })?;
+        let prepared = signature::Prepared::new(&body.canonical(self.config.verify.null_values));
+        keys.iter()
+            .find_map(|key| {
+                let digest = prepared.digest(&key.secret);
+                claimed.matches(&digest).then(|| (key.id.clone(), digest))
+            })
+            .ok_or_else(|| Rejection::BadSignature("signature does not match".into()))
+    }
+
+    fn check_freshness(&self, body: &Body<'_>, arrived: SystemTime) -> Result<(), Rejection> {
+        let verify = &self.config.verify;
+        for field in &verify.timestamp_fields {
+            let Some(value) = body.get(field) else {
+                continue;
+            };
+            freshness::check(value, arrived, verify.max_age, verify.max_skew).map_err(|why| {
+                Rejection::Stale(match why {
+                    Staleness::Unreadable => format!("{field} is not a timestamp lfguard can read"),
+                    Staleness::TooOld => format!(
+                        "{field} is older than {}",
+                        humantime::format_duration(verify.max_age)
+                    ),
+                    Staleness::TooNew => format!(
+                        "{field} is more than {} in the future",
+                        humantime::format_duration(verify.max_skew)
+                    ),
+                })
+            })?;
+        }
+        Ok(())
+    }
+
+    /// `Ok(None)` for a duplicate to acknowledge.
+    async fn claim(&self, replay_key: &str) -> Result<Option<ClaimGuard>, Rejection> {
+        let in_flight = self.config.upstream.timeout + CLAIM_MARGIN;
+        let claim = self
+            .replay
+            .claim(replay_key, in_flight)
+            .await
+            .map_err(|err| Rejection::ReplayStoreUnavailable(err.0))?;
+        match claim {
+            Claim::Claimed(token) => Ok(Some(ClaimGuard::new(
+                self.replay.clone(),
+                replay_key.to_string(),
+                token,
+            ))),
+            Claim::Delivered => match self.config.replay.on_duplicate {
+                OnDuplicate::Acknowledge => Ok(None),
+                OnDuplicate::Reject => Err(Rejection::Replay),
+            },
+            Claim::InFlight => Err(Rejection::InFlight {
+                retry_after_secs: in_flight.as_secs().max(1),
+            }),
+        }
+    }
+
+    /// The request to the backend: same method, path, query and body; end-to-end headers kept;
+    /// hop-by-hop and spoofed `x-lfguard-*` headers dropped; forwarding and verification headers
+    /// added.
+    fn upstream_request(
+        &self,
+        parts: &Parts,
+        body: Bytes,
+        peer: SocketAddr,
+        verified: Option<&Verified>,
+    ) -> Request<Full<Bytes>> {
+        let mut headers = HeaderMap::with_capacity(parts.headers.len() + 8);
+        let listed_in_connection: Vec<HeaderName> = parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+            .collect();
+        let mut forwarded_for: Option<String> = None;
+        for (name, value) in &parts.headers {
+            let dropped = HOP_BY_HOP.contains(name)
+                || listed_in_connection.contains(name)
+                || name.as_str().starts_with(OWN_HEADER_PREFIX)
+                || name == header::CONTENT_LENGTH
+                || name.as_str() == "x-forwarded-proto"
+                || name.as_str() == "x-forwarded-host";
+            if name.as_str() == "x-forwarded-for" {
+                if let Ok(value) = value.to_str() {
+                    let list = forwarded_for.get_or_insert_with(String::new);
+                    if !list.is_empty() {
+                        list.push_str(", ");
+                    }
+                    list.push_str(value);
+                }
+                continue;
+            }
+            if !dropped {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        let peer_ip = peer.ip().to_string();
+        let forwarded_for = match forwarded_for {
+            Some(list) if !list.is_empty() => format!("{list}, {peer_ip}"),
+            _ => peer_ip,
+        };
+        let add = |headers: &mut HeaderMap, name: &'static str, value: &str| {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.insert(HeaderName::from_static(name), value);
+            }
+        };
+        add(&mut headers, "x-forwarded-for", &forwarded_for);
+        add(&mut headers, "x-forwarded-proto", "http");
+        if let Some(host) = parts.headers.get(header::HOST) {
+            headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+        }
+        if let Some(verified) = verified {
+            add(&mut headers, "x-lfguard-verified", "true");
+            add(&mut headers, "x-lfguard-partner-code", &verified.partner);
+            add(&mut headers, "x-lfguard-key-id", &verified.key_id);
+            if let Some(delivery_id) = &verified.delivery_id {
+                add(&mut headers, "x-lfguard-delivery-id", delivery_id);
+            }
+        }
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = self.upstream.uri_for(parts.uri.path_and_query());
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = headers;
+        request
+    }
+
+    /// Sends to the backend within `upstream.timeout` and relays its answer, streaming the body.
+    async fn send_upstream(
+        &self,
+        request: Request<Full<Bytes>>,
+        log: &mut RequestLog,
+    ) -> Result<Response<ProxyBody>, Rejection> {
+        let started = Instant::now();
+        let result =
+            tokio::time::timeout(self.config.upstream.timeout, self.client.request(request)).await;
+        log.upstream_seconds = Some(started.elapsed().as_secs_f64());
+        let response = match result {
+            Err(_elapsed) => return Err(Rejection::UpstreamTimeout),
+            Ok(Err(err)) => return Err(Rejection::UpstreamUnavailable(error_chain(&err))),
+            Ok(Ok(response)) => response,
+        };
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, body.boxed()))
+    }
+}
+
+/// The first cause is usually "client error (Connect)"; the last one says what happened.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message = format!("{message}: {cause}");
+        source = cause.source();
+    }
+    message
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(&listed) {
+        headers.remove(name);
+    }
+}
+
+/// `true` for a form body, `false` for JSON; anything else is refused.
+fn content_kind(headers: &HeaderMap) -> Result<bool, Rejection> {
+    let value = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(Rejection::UnsupportedMediaType)?;
+    let mut params = value.split(';');
+    let essence = params.next().unwrap_or("").trim();
+    for param in params {
+        if let Some((name, charset)) = param.split_once('=')
+            && name.trim().eq_ignore_ascii_case("charset")
+            && !charset
+                .trim()
+                .trim_matches('"')
+                .eq_ignore_ascii_case("utf-8")
+        {
+            return Err(Rejection::UnsupportedMediaType);
+        }
+    }
+    if essence.eq_ignore_ascii_case("application/json") {
+        Ok(false)
+    } else if essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        Ok(true)
+    } else {
+        Err(Rejection::UnsupportedMediaType)
+    }
+}
+
+/// Exactly one `x-lf-md5`: two could be read differently by lfguard and a backend that checks
+/// the signature itself.
+fn signature_header(headers: &HeaderMap) -> Result<&HeaderValue, Rejection> {
+    let mut values = headers.get_all(SIGNATURE_HEADER).iter();
+    match (values.next(), values.next()) {
+        (None, _) => Err(Rejection::MissingSignature),
+        (Some(value), None) if value.is_empty() => Err(Rejection::MissingSignature),
+        (Some(value), None) => Ok(value),
+        (Some(_), Some(_)) => Err(Rejection::BadSignature("several x-lf-md5 headers".into())),
+    }
+}
+
+fn delivery_id(headers: &HeaderMap, required: bool) -> Result<Option<String>, Rejection> {
+    let mut values = headers.get_all(DELIVERY_HEADER).iter();
+    let value = match (values.next(), values.next()) {
+        (Some(_), Some(_)) => {
+            return Err(Rejection::MissingDeliveryId(
+                "several x-lf-delivery headers".into(),
+            ));
+        }
+        (value, _) => value.filter(|v| !v.is_empty()),
+    };
+    let Some(value) = value else {
+        return if required {
+            Err(Rejection::MissingDeliveryId(
+                "x-lf-delivery header is missing".into(),
+            ))
+        } else {
+            Ok(None)
+        };
+    };
+    match value.to_str() {
+        Ok(id) if id.len() <= MAX_DELIVERY_ID_LEN && id.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(id.to_string()))
+        }
+        _ => Err(Rejection::MissingDeliveryId(format!(
+            "x-lf-delivery must be at most {MAX_DELIVERY_ID_LEN} visible ASCII characters"
+        ))),
+    }
+}
+
+fn parse_body(body: &[u8], form: bool) -> Result<Body<'_>, Rejection> {
+    let parsed = if form {
+        Body::from_form(body)
+    } else {
+        Body::from_json(body)
+    };
+    parsed.map_err(|err| match err {
+        signature::BodyError::Malformed(reason) => Rejection::MalformedBody(reason),
+        duplicate @ signature::BodyError::DuplicateKey(_) => {
+            Rejection::DuplicateKey(duplicate.to_string())
+        }
+    })
+}
+
+fn partner_code<'b>(body: &'b Body<'_>) -> Result<&'b str, Rejection> {
+    match body.get("partner_code") {
+        None => Err(Rejection::MissingPartner("partner_code is missing".into())),
+        Some(Value::Str(code)) if code.is_empty() => {
+            Err(Rejection::MissingPartner("partner_code is empty".into()))
+        }
+        Some(Value::Str(code)) if is_partner_code(code) => Ok(code),
+        Some(Value::Str(_)) => Err(Rejection::UnknownPartner),
+        Some(_) => Err(Rejection::MissingPartner(
+            "partner_code must be a string".into(),
+        )),
+    }
+}
+
+fn duplicate_response() -> Response<ProxyBody> {
+    let mut response = Response::new(full(r#"{"status":"duplicate"}"#));
+    *response.status_mut() = StatusCode::OK;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        HeaderName::from_static("x-lfguard-duplicate"),
+        HeaderValue::from_static("true"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_types() {
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(value).unwrap());
+            content_kind(&headers)
+        };
+        assert_eq!(with("application/json"), Ok(false));
+        assert_eq!(with("Application/JSON; charset=UTF-8"), Ok(false));
+        assert_eq!(with("application/x-www-form-urlencoded"), Ok(true));
+        assert_eq!(
+            with("application/json; charset=gbk"),
+            Err(Rejection::UnsupportedMediaType)
+        );
+        assert_eq!(with("text/plain"), Err(Rejection::UnsupportedMediaType));
+        assert_eq!(
+            content_kind(&HeaderMap::new()),
+            Err(Rejection::UnsupportedMediaType)
+        );
+    }
+
+    #[test]
+    fn upstream_urls() {
+        let target = UpstreamTarget::parse("http://127.0.0.1:8081/base/").unwrap();
+        let pq = PathAndQuery::from_static("/cb?x=1");
+        assert_eq!(
+            target.uri_for(Some(&pq)).to_string(),
+            "http://127.0.0.1:8081/base/cb?x=1"
+        );
+        assert!(UpstreamTarget::parse("https://example.com").is_err());
+        assert!(UpstreamTarget::parse("127.0.0.1:80").is_err());
+    }
+}

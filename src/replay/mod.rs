@@ -1,0 +1,202 @@
+//! Replay protection (SPEC §3): a store of callback keys, each either in flight (claimed by the
+//! request forwarding it) or delivered (the backend answered 2xx).
+//!
+//! The key is partner + signature digest, not the delivery id: the signature covers every body
+//! member, while `x-lf-delivery` is unsigned and an attacker can change it freely.
+
+pub mod memory;
+pub mod redis;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Config, StoreKind};
+
+/// What a claim found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This request owns the key until it settles or releases it.
+    Claimed(Token),
+    /// The callback was already delivered.
+    Delivered,
+    /// Another copy is being forwarded right now.
+    InFlight,
+}
+
+/// Proves ownership of an in-flight claim, so a slow request whose claim expired cannot settle or
+/// release a claim that a later copy now holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    pub fn new() -> Self {
+        let mut bytes = [0u8; 16];
+        getrandom::fill(&mut bytes).expect("the OS random source is available");
+        Token(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for Token {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The store could not be reached or answered nonsense; requests fail closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError(pub String);
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A replay store. `claim` is atomic: of concurrent claims on one key exactly one wins.
+pub trait Store: Send + Sync {
+    /// Claims `key` for `in_flight` unless it is delivered or already claimed.
+    fn claim(
+        &self,
+        key: &str,
+        in_flight: Duration,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
+
+    /// Marks a claimed key delivered for `window`, if `token` still owns it.
+    fn settle(
+        &self,
+        key: &str,
+        token: &Token,
+        window: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Frees a claimed key, if `token` still owns it, so the next copy is forwarded.
+    fn release(
+        &self,
+        key: &str,
+        token: &Token,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Whether the store answers, for readiness.
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The store chosen by `replay.store`.
+pub enum AnyStore {
+    Memory(memory::MemoryStore),
+    Redis(redis::RedisStore),
+}
+
+impl AnyStore {
+    pub fn from_config(config: &Config) -> Result<Arc<AnyStore>, StoreError> {
+        Ok(Arc::new(match config.replay.store {
+            StoreKind::Memory => AnyStore::Memory(memory::MemoryStore::new(config.replay.capacity)),
+            StoreKind::Redis => AnyStore::Redis(redis::RedisStore::new(
+                config.replay.redis_url.as_deref().unwrap_or_default(),
+                &config.replay.key_prefix,
+            )?),
+        }))
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AnyStore::Memory(_) => "memory",
+            AnyStore::Redis(_) => "redis",
+        }
+    }
+
+    /// Entries held, where the store can tell cheaply (memory only).
+    pub fn entries(&self) -> Option<u64> {
+        match self {
+            AnyStore::Memory(store) => Some(store.entries()),
+            AnyStore::Redis(_) => None,
+        }
+    }
+
+    /// Entries dropped for capacity before they expired (memory only).
+    pub fn evictions(&self) -> u64 {
+        match self {
+            AnyStore::Memory(store) => store.evictions(),
+            AnyStore::Redis(_) => 0,
+        }
+    }
+}
+
+impl Store for AnyStore {
+    async fn claim(&self, key: &str, in_flight: Duration) -> Result<Claim, StoreError> {
+        match self {
+            AnyStore::Memory(store) => store.claim(key, in_flight).await,
+            AnyStore::Redis(store) => store.claim(key, in_flight).await,
+        }
+    }
+
+    async fn settle(&self, key: &str, token: &Token, window: Duration) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Memory(store) => store.settle(key, token, window).await,
+            AnyStore::Redis(store) => store.settle(key, token, window).await,
+        }
+    }
+
+    async fn release(&self, key: &str, token: &Token) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Memory(store) => store.release(key, token).await,
+            AnyStore::Redis(store) => store.release(key, token).await,
+        }
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Memory(store) => store.ping().await,
+            AnyStore::Redis(store) => store.ping().await,
+        }
+    }
+}
+
+/// An owned claim. Dropping it unsettled (the client went away, a panic, an early return)
+/// releases the key in the background, so Linksfield's retry is forwarded again.
+pub struct ClaimGuard {
+    store: Arc<AnyStore>,
+    key: String,
+    token: Option<Token>,
+}
+
+impl ClaimGuard {
+    pub fn new(store: Arc<AnyStore>, key: String, token: Token) -> Self {
+        ClaimGuard {
+            store,
+            key,
+            token: Some(token),
+        }
+    }
+
+    /// The backend accepted the callback: remember it for `window`.
+    pub async fn settle(mut self, window: Duration) -> Result<(), StoreError> {
+        let token = self.token.take().expect("a guard is settled once");
+        self.store.settle(&self.key, &token, window).await
+    }
+
+    /// The backend did not accept it: let the next copy through.
+    pub async fn release(mut self) -> Result<(), StoreError> {
+        let token = self.token.take().expect("a guard is released once");
+        self.store.release(&self.key, &token).await
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        if let Some(token) = self.token.take() {
+            let store = self.store.clone();
+            let key = std::mem::take(&mut self.key);
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    if let Err(err) = store.release(&key, &token).await {
+                        tracing::warn!(error = %err, "could not release an abandoned replay claim; it expires on its own");
+                    }
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! Partner secrets: loaded from inline config, files, environment variables and `partners_dir`,
+//! held behind an `ArcSwap` so a reload replaces the whole set at once or not at all.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::server::Shared;
+
+/// One secret of a partner. `id` names where it came from, never what it is.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Key {
+    pub id: String,
+    pub secret: String,
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Key")
+            .field("id", &self.id)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Every configured partner's secrets, in rotation order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SecretStore {
+    partners: HashMap<String, Vec<Key>>,
+}
+
+/// A partner code as Linksfield issues them (`P002671`); also a safe file name.
+pub fn is_partner_code(code: &str) -> bool {
+    !code.is_empty()
+        && code.len() <= 64
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl SecretStore {
+    /// Reads every secret source. Any problem (a missing file, an empty secret, a partner with no
+    /// secret) fails the whole load, so a half-read set never replaces a good one.
+    pub fn load(config: &Config) -> Result<SecretStore, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut partners: HashMap<String, Vec<Key>> = HashMap::new();
+
+        for (code, partner) in &config.partners {
+            let keys = partners.entry(code.clone()).or_default();
+            for (i, secret) in partner.secrets.iter().enumerate() {
+                match check_secret(secret) {
+                    Ok(()) => keys.push(Key {
+                        id: format!("inline:{i}"),
+                        secret: secret.clone(),
+                    }),
+                    Err(why) => problems.push(format!("partners.{code}.secrets[{i}]: {why}")),
+                }
+            }
+            for (i, path) in partner.secret_files.iter().enumerate() {
+                let label = format!("partners.{code}.secret_files[{i}]");
+                match std::fs::read_to_string(path) {
+                    Ok(text) => add_lines(keys, &text, &format!("file{i}"), &label, &mut problems),
+                    Err(err) => problems.push(format!("{label}: {}: {err}", path.display())),
+                }
+            }
+            for (i, var) in partner.secret_env.iter().enumerate() {
+                let label = format!("partners.{code}.secret_env[{i}]");
+                match std::env::var(var) {
+                    Ok(text) => {
+                        add_lines(keys, &text, &format!("env:{var}"), &label, &mut problems)
+                    }
+                    Err(_) => {
+                        problems.push(format!("{label}: environment variable {var} is not set"))
+                    }
+                }
+            }
+        }
+
+        if let Some(dir) = &config.partners_dir {
+            load_dir(dir, &mut partners, &mut problems);
+        }
+
+        for (code, keys) in &partners {
+            if keys.is_empty() && !problems.iter().any(|p| p.contains(code.as_str())) {
+                problems.push(format!("partners.{code}: no secret configured"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(SecretStore { partners })
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The secrets of a partner, if it is configured.
+    pub fn keys(&self, partner: &str) -> Option<&[Key]> {
+        self.partners.get(partner).map(Vec::as_slice)
+    }
+
+    pub fn contains(&self, partner: &str) -> bool {
+        self.partners.contains_key(partner)
+    }
+
+    pub fn partner_count(&self) -> usize {
+        self.partners.len()
+    }
+
+    /// Partner codes, sorted, for logs and metrics labels.
+    pub fn partner_codes(&self) -> Vec<String> {
+        let mut codes: Vec<String> = self.partners.keys().cloned().collect();
+        codes.sort();
+        codes
+    }
+}
+
+/// Re-reads every secret source and swaps the new set in whole. A failed read keeps the last good
+/// set. Returns whether the set changed.
+pub fn reload(shared: &Shared, trigger: &'static str) -> bool {
+    match SecretStore::load(&shared.config) {
+        Ok(fresh) => {
+            let changed = **shared.secrets.load() != fresh;
+            if changed {
+                tracing::info!(
+                    trigger,
+                    partners = fresh.partner_count(),
+                    "secrets reloaded"
+                );
+                shared.secrets.store(Arc::new(fresh));
+            }
+            shared.metrics.secret_reload(true);
+            changed
+        }
+        Err(problems) => {
+            tracing::error!(trigger, problems = %problems.join("; "), "secret reload failed; keeping the previous secrets");
+            shared.metrics.secret_reload(false);
+            false
+        }
+    }
+}
+
+/// Polls the secret files every `reload_interval`, comparing content rather than mtimes:
+/// Kubernetes updates a mounted Secret by swapping a symlink, which leaves file mtimes alone.
+/// Only changes are counted, and a broken source is reported once until it changes again.
+pub async fn watch(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut last_problem: Option<Vec<String>> = None;
+    let mut tick = tokio::time::interval(shared.config.reload_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        match SecretStore::load(&shared.config) {
+            Ok(fresh) => {
+                last_problem = None;
+                if **shared.secrets.load() != fresh {
+                    reload(&shared, "file change");
+                }
+            }
+            Err(problems) => {
+                if last_problem.as_ref() != Some(&problems) {
+                    tracing::error!(trigger = "file change", problems = %problems.join("; "), "secret reload failed; keeping the previous secrets");
+                    shared.metrics.secret_reload(false);
+                    last_problem = Some(problems);
+                }
+            }
+        }
+    }
+}
+
+/// One file per partner code; hidden entries are skipped because Kubernetes keeps its
+/// `..data` symlink and timestamped directories beside the keys of a mounted Secret.
+fn load_dir(dir: &Path, partners: &mut HashMap<String, Vec<Key>>, problems: &mut Vec<String>) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) => {
+            problems.push(format!("partners_dir: {}: {err}", dir.display()));
+            return;
+        }
+    };
+    for entry in entries {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(err) => {
+                problems.push(format!("partners_dir: {}: {err}", dir.display()));
+                continue;
+            }
+        };
+        let name = entry.file_name();
+        let Some(code) = name.to_str() else {
+            problems.push(format!(
+                "partners_dir: {:?} is not a valid partner code",
+                name
+            ));
+            continue;
+        };
+        if code.starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        // `is_file` follows symlinks, which is how a mounted Secret exposes its keys.
+        if !path.is_file() {
+            continue;
+        }
+        let label = format!("partners_dir/{code}");
+        if !is_partner_code(code) {
+            problems.push(format!("{label}: file name is not a partner code"));
+            continue;
+        }
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let keys = partners.entry(code.to_string()).or_default();
+                add_lines(keys, &text, "dir", &label, problems);
+            }
+            Err(err) => problems.push(format!("{label}: {err}")),
+        }
+    }
+}
+
+/// Adds one secret per non-blank line; surrounding whitespace (and a CR) is not part of a secret.
+fn add_lines(
+    keys: &mut Vec<Key>,
+    text: &str,
+    source: &str,
+    label: &str,
+    problems: &mut Vec<String>,
+) {
+    let before = keys.len();
+    for (line_no, line) in text.lines().enumerate() {
+        let secret = line.trim();
+        if secret.is_empty() {
+            continue;
+        }
+        match check_secret(secret) {
+            Ok(()) => keys.push(Key {
+                id: format!("{source}:{}", line_no + 1),
+                secret: secret.to_string(),
+            }),
+            Err(why) => problems.push(format!("{label} line {}: {why}", line_no + 1)),
+        }
+    }
+    if keys.len() == before {
+        problems.push(format!("{label}: holds no secret"));
+    }
+}
+
+fn check_secret(secret: &str) -> Result<(), &'static str> {
+    if secret.trim().is_empty() {
+        return Err("secret is empty");
+    }
+    if secret.chars().any(char::is_control) {
+        return Err("secret contains a control character");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PartnerConfig;
+
+    fn config_with(partner: PartnerConfig) -> Config {
+        let mut config = Config::default();
+        config.partners.insert("P1".into(), partner);
+        config
+    }
+
+    #[test]
+    fn files_and_dirs_give_one_key_per_line() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("P2"), "old\r\n\nnew\n").unwrap();
+        std::fs::write(dir.path().join(".hidden"), "x").unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let file = elsewhere.path().join("p1.secret");
+        std::fs::write(&file, "  s1  \n").unwrap();
+        let mut config = config_with(PartnerConfig {
+            secrets: vec!["inline".into()],
+            secret_files: vec![file],
+            ..Default::default()
+        });
+        config.partners_dir = Some(dir.path().to_path_buf());
+        let store = SecretStore::load(&config).unwrap();
+        let p1: Vec<_> = store
+            .keys("P1")
+            .unwrap()
+            .iter()
+            .map(|k| (k.id.as_str(), k.secret.as_str()))
+            .collect();
+        assert_eq!(p1, [("inline:0", "inline"), ("file0:1", "s1")]);
+        let p2: Vec<_> = store
+            .keys("P2")
+            .unwrap()
+            .iter()
+            .map(|k| (k.id.as_str(), k.secret.as_str()))
+            .collect();
+        assert_eq!(p2, [("dir:1", "old"), ("dir:3", "new")]);
+        assert!(!store.contains(".hidden"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_and_no_secret_is_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n \n").unwrap();
+        let config = config_with(PartnerConfig {
+            secrets: vec!["".into(), "good-secret".into()],
+            secret_files: vec![empty, dir.path().join("missing")],
+            secret_env: vec!["LFGUARD_TEST_SURELY_UNSET_VAR".into()],
+        });
+        let problems = SecretStore::load(&config).unwrap_err();
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(problems.iter().all(|p| !p.contains("good-secret")));
+    }
+
+    #[test]
+    fn debug_output_redacts() {
+        let key = Key {
+            id: "inline:0".into(),
+            secret: "hunter2".into(),
+        };
+        assert!(!format!("{key:?}").contains("hunter2"));
+    }
+}
