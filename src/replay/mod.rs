@@ -192,8 +192,12 @@ impl Drop for ClaimGuard {
             let key = std::mem::take(&mut self.key);
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
-                    if let Err(err) = store.release(&key, &token).await {
-                        tracing::warn!(error = %err, "could not release an abandoned replay claim; it expires on its own");
+                    match store.release(&key, &token).await {
+                        Ok(()) => tracing::info!("abandoned replay claim released"),
+                        Err(err) => tracing::warn!(
+                            error = %err,
+                            "could not release an abandoned replay claim; it expires on its own"
+                        ),
                     }
                 });
             }

@@ -88,6 +88,11 @@ pub struct Backend {
 
 impl Backend {
     pub fn start() -> Backend {
+        Backend::start_on("127.0.0.1:0".parse().unwrap())
+    }
+
+    /// Starts on a given address (to bring a backend "back up" where lfguard expects it).
+    pub fn start_on(addr: SocketAddr) -> Backend {
         let state = Arc::new(BackendState::default());
         let (addr_tx, addr_rx) = mpsc::channel();
         let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -99,7 +104,7 @@ impl Backend {
                 .build()
                 .unwrap();
             runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
                 loop {
                     let (stream, _) = tokio::select! {
