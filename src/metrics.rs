@@ -1,41 +1,27 @@
-//! Prometheus metrics (SPEC §8). The partner label is only ever a configured partner code (or
-//! `other`), so a flood of random partner codes cannot grow the series count.
+//! Prometheus metrics (SPEC §8) in the Prometheus text format. The partner label is only ever a
+//! configured partner code (or `other`), so a flood of random partner codes cannot grow the
+//! series count.
 
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder, exponential_buckets,
+};
 
 use crate::replay::AnyStore;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RequestLabels {
-    code: &'static str,
-    partner: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabels {
-    result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct VersionLabels {
-    version: &'static str,
-}
+/// The label value for requests whose partner is missing or not configured.
+pub const OTHER_PARTNER: &str = "other";
 
 pub struct Metrics {
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
+    requests: IntCounterVec,
     request_duration: Histogram,
     upstream_duration: Histogram,
-    replay_entries: Gauge,
-    replay_evictions: Counter,
-    secret_reloads: Family<ResultLabels, Counter>,
+    replay_entries: IntGauge,
+    replay_evictions: IntCounter,
+    secret_reloads: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -44,53 +30,77 @@ impl Default for Metrics {
     }
 }
 
+/// 0.5 ms to ~16 s: a verification takes microseconds, a slow backend seconds.
+fn latency_buckets() -> Vec<f64> {
+    exponential_buckets(0.0005, 2.0, 16).expect("valid bucket parameters")
+}
+
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("lfguard");
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "requests",
-            "Requests by outcome code and partner",
-            requests.clone(),
-        );
-        // 0.5 ms to ~16 s: a verification is microseconds, a slow backend seconds.
-        let request_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
-        registry.register(
-            "request_duration_seconds",
-            "Time from request to response headers",
-            request_duration.clone(),
-        );
-        let upstream_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
-        registry.register(
-            "upstream_duration_seconds",
-            "Time the backend took to answer",
-            upstream_duration.clone(),
-        );
-        let replay_entries = Gauge::default();
-        registry.register(
-            "replay_entries",
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "lfguard_requests_total",
+                "Requests by outcome code and partner",
+            ),
+            &["code", "partner"],
+        )
+        .expect("valid metric");
+        let request_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "lfguard_request_duration_seconds",
+                "Time from a request's arrival to its response headers",
+            )
+            .buckets(latency_buckets()),
+        )
+        .expect("valid metric");
+        let upstream_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "lfguard_upstream_duration_seconds",
+                "Time the backend took to answer",
+            )
+            .buckets(latency_buckets()),
+        )
+        .expect("valid metric");
+        let replay_entries = IntGauge::new(
+            "lfguard_replay_entries",
             "Keys held by the memory replay store",
-            replay_entries.clone(),
-        );
-        let replay_evictions = Counter::default();
-        registry.register(
-            "replay_evictions",
+        )
+        .expect("valid metric");
+        let replay_evictions = IntCounter::new(
+            "lfguard_replay_evictions_total",
             "Replay keys dropped for capacity before their window ended",
-            replay_evictions.clone(),
-        );
-        let secret_reloads = Family::<ResultLabels, Counter>::default();
-        registry.register(
-            "secret_reloads",
-            "Secret reloads by result",
-            secret_reloads.clone(),
-        );
-        let build_info = Family::<VersionLabels, Gauge>::default();
+        )
+        .expect("valid metric");
+        let secret_reloads = IntCounterVec::new(
+            Opts::new("lfguard_secret_reloads_total", "Secret reloads by result"),
+            &["result"],
+        )
+        .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("lfguard_build_info", "The running lfguard version"),
+            &["version"],
+        )
+        .expect("valid metric");
         build_info
-            .get_or_create(&VersionLabels {
-                version: env!("CARGO_PKG_VERSION"),
-            })
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        registry.register("build_info", "lfguard version", build_info);
+        for result in ["success", "failure"] {
+            secret_reloads.with_label_values(&[result]);
+        }
+        for collector in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_duration.clone()),
+            Box::new(upstream_duration.clone()),
+            Box::new(replay_entries.clone()),
+            Box::new(replay_evictions.clone()),
+            Box::new(secret_reloads.clone()),
+            Box::new(build_info),
+        ] {
+            registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
         Metrics {
             registry,
             requests,
@@ -111,10 +121,7 @@ impl Metrics {
         upstream_seconds: Option<f64>,
     ) {
         self.requests
-            .get_or_create(&RequestLabels {
-                code,
-                partner: partner.unwrap_or("other").to_string(),
-            })
+            .with_label_values(&[code, partner.unwrap_or(OTHER_PARTNER)])
             .inc();
         self.request_duration.observe(elapsed.as_secs_f64());
         if let Some(seconds) = upstream_seconds {
@@ -124,12 +131,10 @@ impl Metrics {
 
     pub fn secret_reload(&self, ok: bool) {
         let result = if ok { "success" } else { "failure" };
-        self.secret_reloads
-            .get_or_create(&ResultLabels { result })
-            .inc();
+        self.secret_reloads.with_label_values(&[result]).inc();
     }
 
-    /// The text exposition, with the store's gauges read at scrape time.
+    /// The text exposition, with the store's figures read at scrape time.
     pub fn render(&self, store: &AnyStore) -> String {
         if let Some(entries) = store.entries() {
             self.replay_entries
@@ -140,9 +145,10 @@ impl Metrics {
         if evictions > counted {
             self.replay_evictions.inc_by(evictions - counted);
         }
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
-        out
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding to memory cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
     }
 }

@@ -118,12 +118,15 @@ impl SecretStore {
 }
 
 /// Re-reads every secret source and swaps the new set in whole. A failed read keeps the last good
-/// set. Returns whether the set changed.
-pub fn reload(shared: &Shared, trigger: &'static str) -> bool {
-    match SecretStore::load(&shared.config) {
+/// set, logs why and counts it.
+pub fn reload(shared: &Shared, trigger: &'static str) {
+    apply(shared, SecretStore::load(&shared.config), trigger);
+}
+
+fn apply(shared: &Shared, loaded: Result<SecretStore, Vec<String>>, trigger: &'static str) {
+    match loaded {
         Ok(fresh) => {
-            let changed = **shared.secrets.load() != fresh;
-            if changed {
+            if **shared.secrets.load() != fresh {
                 tracing::info!(
                     trigger,
                     partners = fresh.partner_count(),
@@ -132,21 +135,23 @@ pub fn reload(shared: &Shared, trigger: &'static str) -> bool {
                 shared.secrets.store(Arc::new(fresh));
             }
             shared.metrics.secret_reload(true);
-            changed
         }
         Err(problems) => {
-            tracing::error!(trigger, problems = %problems.join("; "), "secret reload failed; keeping the previous secrets");
+            tracing::error!(
+                trigger,
+                problems = %problems.join("; "),
+                "secret reload failed; keeping the previous secrets"
+            );
             shared.metrics.secret_reload(false);
-            false
         }
     }
 }
 
 /// Polls the secret files every `reload_interval`, comparing content rather than mtimes:
 /// Kubernetes updates a mounted Secret by swapping a symlink, which leaves file mtimes alone.
-/// Only changes are counted, and a broken source is reported once until it changes again.
+/// Only changes count as reloads, and a broken source is reported once until it changes again.
 pub async fn watch(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let mut last_problem: Option<Vec<String>> = None;
+    let mut last_problems: Option<Vec<String>> = None;
     let mut tick = tokio::time::interval(shared.config.reload_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -155,20 +160,14 @@ pub async fn watch(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stop.wait_for(|stop| *stop) => return,
         }
-        match SecretStore::load(&shared.config) {
-            Ok(fresh) => {
-                last_problem = None;
-                if **shared.secrets.load() != fresh {
-                    reload(&shared, "file change");
-                }
-            }
-            Err(problems) => {
-                if last_problem.as_ref() != Some(&problems) {
-                    tracing::error!(trigger = "file change", problems = %problems.join("; "), "secret reload failed; keeping the previous secrets");
-                    shared.metrics.secret_reload(false);
-                    last_problem = Some(problems);
-                }
-            }
+        let loaded = SecretStore::load(&shared.config);
+        let unchanged = match &loaded {
+            Ok(fresh) => **shared.secrets.load() == *fresh,
+            Err(problems) => last_problems.as_ref() == Some(problems),
+        };
+        last_problems = loaded.as_ref().err().cloned();
+        if !unchanged {
+            apply(&shared, loaded, "file change");
         }
     }
 }

@@ -1,0 +1,427 @@
+//! Operations (SPEC §6 reload, §8): admin endpoints, metrics, secret reload, limits and graceful
+//! shutdown, against the real binary.
+
+mod support;
+
+use std::io::{BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use lfguard::signature::Encoding;
+use support::*;
+
+/// The value of one sample line in a Prometheus text exposition.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn metrics(lfguard: &Lfguard) -> String {
+    let response = admin_get(lfguard.admin, "/metrics");
+    assert_eq!(response.status, 200);
+    assert!(
+        response
+            .header("content-type")
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    response.text()
+}
+
+#[test]
+fn admin_endpoints_answer_and_metrics_pass_promtool() {
+    let backend = Backend::start();
+    let lfguard = Lfguard::start(&backend, "");
+    assert_eq!(admin_get(lfguard.admin, "/healthz").status, 200);
+    assert_eq!(admin_get(lfguard.admin, "/readyz").status, 200);
+    assert_eq!(admin_get(lfguard.admin, "/nope").status, 404);
+    let posted = send_raw(
+        lfguard.admin,
+        b"POST /metrics HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(posted.status, 405);
+    // The proxy paths are not served on the admin port, and the admin paths are not on the proxy.
+    assert_eq!(Callback::signed(sms_body()).send(lfguard.admin).status, 404);
+    assert_eq!(admin_get(lfguard.addr, "/metrics").status, 405);
+    assert_eq!(backend.count(), 0);
+
+    lfguard.post(&Callback::signed(sms_body()));
+    let text = metrics(&lfguard);
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (Debian package prometheus; scripts/test installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = promtool.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        sample(&text, "lfguard_build_info{version=\"0.1.0\"}"),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn metrics_count_outcomes_per_configured_partner_only() {
+    let backend = Backend::start();
+    let lfguard = Lfguard::start(&backend, "");
+    assert_eq!(lfguard.post(&Callback::signed(sms_body())).status, 200);
+    assert_eq!(
+        lfguard
+            .post(&Callback::signed_with(sms_body(), "forged", Encoding::Hex))
+            .status,
+        401
+    );
+    for i in 0..20 {
+        let body = format!(r#"{{"partner_code":"P9{i:05}","text_message":"x"}}"#);
+        assert_eq!(
+            lfguard.post(&Callback::signed(body)).code(),
+            "unknown_partner"
+        );
+    }
+    let text = metrics(&lfguard);
+    assert_eq!(
+        sample(
+            &text,
+            &format!("lfguard_requests_total{{code=\"forwarded\",partner=\"{PARTNER}\"}}")
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!("lfguard_requests_total{{code=\"bad_signature\",partner=\"{PARTNER}\"}}")
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "lfguard_requests_total{code=\"unknown_partner\",partner=\"other\"}"
+        ),
+        Some(20.0)
+    );
+    assert!(
+        !text.contains("P900001"),
+        "random partner codes never become labels"
+    );
+    assert_eq!(
+        sample(&text, "lfguard_request_duration_seconds_count"),
+        Some(22.0)
+    );
+    assert_eq!(
+        sample(&text, "lfguard_upstream_duration_seconds_count"),
+        Some(1.0)
+    );
+    assert_eq!(sample(&text, "lfguard_replay_entries"), Some(1.0));
+}
+
+#[test]
+fn replay_evictions_are_counted() {
+    let backend = Backend::start();
+    let lfguard = Lfguard::start(&backend, "[replay]\ncapacity = 5");
+    for _ in 0..40 {
+        assert_eq!(lfguard.post(&Callback::signed(sms_body())).status, 200);
+    }
+    let text = metrics(&lfguard);
+    assert!(
+        sample(&text, "lfguard_replay_evictions_total").unwrap() > 0.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "lfguard_replay_entries").unwrap() <= 5.0,
+        "{text}"
+    );
+}
+
+/// Lays out a directory the way Kubernetes mounts a Secret: `P…` → `..data/P…`, and
+/// `..data` → a timestamped directory that is swapped atomically on update.
+struct MountedSecret {
+    root: std::path::PathBuf,
+    generation: u32,
+}
+
+impl MountedSecret {
+    fn new(root: &std::path::Path, partner: &str, secret: &str) -> MountedSecret {
+        let mut mounted = MountedSecret {
+            root: root.to_path_buf(),
+            generation: 0,
+        };
+        mounted.update(partner, secret);
+        std::os::unix::fs::symlink(format!("..data/{partner}"), root.join(partner)).unwrap();
+        mounted
+    }
+
+    fn update(&mut self, partner: &str, secret: &str) {
+        self.generation += 1;
+        let version = format!("..2026_11_25_{}", self.generation);
+        std::fs::create_dir(self.root.join(&version)).unwrap();
+        std::fs::write(
+            self.root.join(&version).join(partner),
+            format!("{secret}\n"),
+        )
+        .unwrap();
+        let staging = self.root.join("..data_tmp");
+        std::os::unix::fs::symlink(&version, &staging).unwrap();
+        std::fs::rename(&staging, self.root.join("..data")).unwrap();
+    }
+}
+
+#[test]
+fn a_secret_swapped_through_a_symlink_is_picked_up_without_a_restart() {
+    let backend = Backend::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut mounted = MountedSecret::new(dir.path(), "P300001", "first-secret");
+    let mut config = base_config(&backend.url());
+    merge(
+        &mut config,
+        &format!(
+            "partners_dir = {:?}\nreload_interval = \"100ms\"",
+            dir.path().display().to_string()
+        ),
+    );
+    let lfguard = Lfguard::start_with(config, &[]);
+    let body = || {
+        format!(
+            r#"{{"partner_code":"P300001","text_message":"{}"}}"#,
+            delivery_id()
+        )
+    };
+    assert_eq!(
+        lfguard
+            .post(&Callback::signed_with(
+                body(),
+                "first-secret",
+                Encoding::Hex
+            ))
+            .status,
+        200
+    );
+
+    mounted.update("P300001", "second-secret");
+    lfguard.wait_for_log(|e| e["message"] == "secrets reloaded" && e["trigger"] == "file change");
+    assert_eq!(
+        lfguard
+            .post(&Callback::signed_with(
+                body(),
+                "second-secret",
+                Encoding::Hex
+            ))
+            .status,
+        200
+    );
+    assert_eq!(
+        lfguard
+            .post(&Callback::signed_with(
+                body(),
+                "first-secret",
+                Encoding::Hex
+            ))
+            .code(),
+        "bad_signature"
+    );
+    assert_eq!(
+        sample(
+            &metrics(&lfguard),
+            "lfguard_secret_reloads_total{result=\"success\"}"
+        ),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn sighup_removes_a_revoked_secret_and_a_broken_reload_keeps_the_last_good_set() {
+    let backend = Backend::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_file(dir.path(), "p4.secret", "old-secret\nnew-secret\n");
+    let mut config = base_config(&backend.url());
+    merge(
+        &mut config,
+        &format!(
+            "reload_interval = \"1h\"\n[partners.P400001]\nsecret_files = [{:?}]",
+            file.display().to_string()
+        ),
+    );
+    let lfguard = Lfguard::start_with(config, &[]);
+    let body = || {
+        format!(
+            r#"{{"partner_code":"P400001","text_message":"{}"}}"#,
+            delivery_id()
+        )
+    };
+    assert_eq!(
+        lfguard
+            .post(&Callback::signed_with(body(), "old-secret", Encoding::Hex))
+            .status,
+        200
+    );
+
+    std::fs::write(&file, "new-secret\n").unwrap();
+    lfguard.signal("HUP");
+    lfguard.wait_for_log(|e| e["message"] == "secrets reloaded" && e["trigger"] == "SIGHUP");
+    assert_eq!(
+        lfguard
+            .post(&Callback::signed_with(body(), "old-secret", Encoding::Hex))
+            .code(),
+        "bad_signature"
+    );
+    assert_eq!(
+        lfguard
+            .post(&Callback::signed_with(body(), "new-secret", Encoding::Hex))
+            .status,
+        200
+    );
+
+    std::fs::write(&file, "\n").unwrap();
+    lfguard.signal("HUP");
+    let failure = lfguard.wait_for_log(|e| {
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("secret reload failed"))
+    });
+    assert!(
+        failure["problems"]
+            .as_str()
+            .unwrap()
+            .contains("holds no secret"),
+        "{failure}"
+    );
+    assert_eq!(
+        lfguard
+            .post(&Callback::signed_with(body(), "new-secret", Encoding::Hex))
+            .status,
+        200,
+        "last good set kept"
+    );
+    let text = metrics(&lfguard);
+    assert_eq!(
+        sample(&text, "lfguard_secret_reloads_total{result=\"failure\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "lfguard_secret_reloads_total{result=\"success\"}"),
+        Some(1.0)
+    );
+    assert_eq!(admin_get(lfguard.admin, "/readyz").status, 200);
+    for event in lfguard.events() {
+        assert!(!event.to_string().contains("new-secret"), "{event}");
+    }
+}
+
+#[test]
+fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
+    let backend = Backend::start();
+    backend.set_reply(Reply {
+        delay: Duration::from_millis(800),
+        ..Reply::default()
+    });
+    let mut lfguard = Lfguard::start(&backend, "[server]\nshutdown_grace = \"10s\"");
+    let addr = lfguard.addr;
+    let in_flight = std::thread::spawn(move || Callback::signed(sms_body()).send(addr));
+    backend.wait_for(1);
+    lfguard.signal("TERM");
+    lfguard.wait_for_log(|e| e["message"] == "shutdown signal: draining");
+    assert_eq!(
+        admin_get(lfguard.admin, "/readyz").status,
+        503,
+        "not ready while draining"
+    );
+    assert_eq!(
+        admin_get(lfguard.admin, "/healthz").status,
+        200,
+        "still alive while draining"
+    );
+    let response = in_flight.join().unwrap();
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(lfguard.wait_exit(), Some(0));
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "no new connections after shutdown"
+    );
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let backend = Backend::start();
+    backend.set_reply(Reply {
+        delay: Duration::from_secs(10),
+        ..Reply::default()
+    });
+    let mut lfguard = Lfguard::start(
+        &backend,
+        "[server]\nshutdown_grace = \"30s\"\n[upstream]\ntimeout = \"20s\"",
+    );
+    let addr = lfguard.addr;
+    let _in_flight = std::thread::spawn(move || Callback::signed(sms_body()).send(addr));
+    backend.wait_for(1);
+    lfguard.signal("TERM");
+    lfguard.wait_for_log(|e| e["message"] == "shutdown signal: draining");
+    lfguard.signal("INT");
+    assert_eq!(lfguard.wait_exit(), Some(1));
+}
+
+#[test]
+fn too_many_or_too_large_headers_get_431() {
+    let backend = Backend::start();
+    let lfguard = Lfguard::start(&backend, "[server]\nmax_headers = 20");
+    let mut callback = Callback::signed(sms_body());
+    for i in 0..30 {
+        callback = callback.with(&format!("x-extra-{i}"), "1");
+    }
+    assert_eq!(lfguard.post(&callback).status, 431);
+    let huge = Callback::signed(sms_body()).with("x-huge", &"a".repeat(20_000));
+    assert_eq!(lfguard.post(&huge).status, 431);
+    assert_eq!(backend.count(), 0);
+}
+
+#[test]
+fn connections_beyond_the_limit_wait_for_a_free_slot() {
+    let backend = Backend::start();
+    let lfguard = Lfguard::start(&backend, "[server]\nmax_connections = 1");
+    // The first client holds the only slot on an idle keep-alive connection.
+    let mut holder = TcpStream::connect(lfguard.addr).unwrap();
+    let mut keep_alive = Callback::signed(sms_body()).to_bytes();
+    let text = String::from_utf8(keep_alive.clone())
+        .unwrap()
+        .replace("Connection: close", "Connection: keep-alive");
+    keep_alive = text.into_bytes();
+    holder.write_all(&keep_alive).unwrap();
+    holder
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let first = read_response(&mut BufReader::new(holder.try_clone().unwrap())).unwrap();
+    assert_eq!(first.status, 200);
+
+    let mut waiting = TcpStream::connect(lfguard.addr).expect("the kernel queues it");
+    waiting
+        .write_all(&Callback::signed(sms_body()).to_bytes())
+        .unwrap();
+    waiting
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let early = waiting.read(&mut byte);
+    assert!(early.is_err(), "served while the only slot was taken");
+
+    drop(holder);
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let response =
+        read_response(&mut BufReader::new(waiting)).expect("served once the slot is free");
+    assert_eq!(response.status, 200);
+    assert_eq!(backend.count(), 2);
+}
