@@ -392,3 +392,27 @@ fn a_client_that_goes_away_releases_its_claim(store: Store) {
     );
     assert_eq!(backend.count(), 2);
 }
+
+/// `rediss://` is accepted: TLS is set up (here the handshake fails against a plain server, so the
+/// store is unavailable) without the process failing.
+#[test]
+fn a_tls_redis_url_is_accepted_and_fails_closed_when_tls_fails() {
+    let redis = Redis::start();
+    let backend = Backend::start();
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let lfguard = Lfguard::start(
+        &backend,
+        &format!("[replay]\nstore = \"redis\"\nredis_url = \"{url}\""),
+    );
+    let response = lfguard.post(&Callback::signed(sms_body()));
+    assert_eq!(
+        (response.status, response.code().as_str()),
+        (503, "replay_store_unavailable")
+    );
+    assert_eq!(
+        admin_get(lfguard.admin, "/healthz").status,
+        200,
+        "still running"
+    );
+    assert_eq!(backend.count(), 0);
+}
