@@ -10,7 +10,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-use crate::signature::{Encoding, NullValues};
+use crate::signature::{Encoding, NestedValues, NullValues};
 
 /// Environment variable naming the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "LFGUARD_CONFIG";
@@ -112,11 +112,32 @@ impl Default for UpstreamConfig {
     }
 }
 
+/// `enforce` refuses what fails verification; `report` forwards it marked (SPEC §10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyMode {
+    #[default]
+    Enforce,
+    Report,
+}
+
+impl VerifyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerifyMode::Enforce => "enforce",
+            VerifyMode::Report => "report",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VerifyConfig {
+    /// Reloaded on SIGHUP and when the config file changes.
+    pub mode: VerifyMode,
     pub signature_encoding: Encoding,
     pub null_values: NullValues,
+    pub nested_values: NestedValues,
     pub require_delivery_id: bool,
     pub timestamp_fields: Vec<String>,
     #[serde(with = "humantime_serde")]
@@ -128,8 +149,10 @@ pub struct VerifyConfig {
 impl Default for VerifyConfig {
     fn default() -> Self {
         VerifyConfig {
+            mode: VerifyMode::Enforce,
             signature_encoding: Encoding::Auto,
             null_values: NullValues::Empty,
+            nested_values: NestedValues::AsWritten,
             require_delivery_id: true,
             timestamp_fields: vec!["received_at".into()],
             max_age: Duration::from_secs(24 * 3600),
@@ -216,6 +239,8 @@ pub struct RouteConfig {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PartnerConfig {
+    /// Overrides `verify.mode` for this partner, e.g. to trial one new partner in report mode.
+    pub mode: Option<VerifyMode>,
     /// Inline secrets: for development only (a warning is logged at start).
     pub secrets: Vec<String>,
     pub secret_files: Vec<PathBuf>,
@@ -392,6 +417,18 @@ impl Config {
         } else {
             Err(ConfigError(problems))
         }
+    }
+
+    /// Whether `other` differs only in what a reload applies: partners, secrets and modes.
+    pub fn same_apart_from_reloadable(&self, other: &Config) -> bool {
+        let fixed = |config: &Config| {
+            let mut copy = config.clone();
+            copy.partners.clear();
+            copy.partners_dir = None;
+            copy.verify.mode = VerifyMode::Enforce;
+            toml::to_string(&copy).unwrap_or_default()
+        };
+        fixed(self) == fixed(other)
     }
 
     /// The effective configuration as TOML with every inline secret replaced, for `check-config`.

@@ -51,6 +51,31 @@ impl Rejection {
         }
     }
 
+    /// Whether report mode (SPEC §10) forwards the request instead: failures of the signature,
+    /// freshness and replay checks. Framing, parsing and limits protect lfguard and the backend
+    /// and are enforced in every mode.
+    pub fn is_reportable(&self) -> bool {
+        match self {
+            Rejection::MissingPartner(_)
+            | Rejection::MissingDeliveryId(_)
+            | Rejection::MissingSignature
+            | Rejection::BadSignature(_)
+            | Rejection::UnknownPartner
+            | Rejection::Stale(_)
+            | Rejection::Replay
+            | Rejection::InFlight { .. }
+            | Rejection::ReplayStoreUnavailable(_) => true,
+            Rejection::MalformedBody(_)
+            | Rejection::DuplicateKey(_)
+            | Rejection::MethodNotAllowed
+            | Rejection::RequestTimeout
+            | Rejection::BodyTooLarge { .. }
+            | Rejection::UnsupportedMediaType
+            | Rejection::UpstreamUnavailable(_)
+            | Rejection::UpstreamTimeout => false,
+        }
+    }
+
     /// The stable machine-readable code of SPEC §5, also the `code` label in logs and metrics.
     pub fn code(&self) -> &'static str {
         match self {

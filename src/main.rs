@@ -13,7 +13,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.as_ref().unwrap_or(&Command::Serve) {
         Command::Serve => match load(&cli) {
-            Ok(config) => serve(config),
+            Ok(config) => serve(config, cli.config.clone()),
             Err(code) => code,
         },
         Command::CheckConfig => match load(&cli) {
@@ -36,9 +36,9 @@ fn load(cli: &Cli) -> Result<Config, ExitCode> {
     })
 }
 
-fn serve(config: Config) -> ExitCode {
+fn serve(config: Config, path: Option<std::path::PathBuf>) -> ExitCode {
     lfguard::logging::init(&config.log);
-    match runtime(config.server.worker_threads).block_on(lfguard::server::run(config)) {
+    match runtime(config.server.worker_threads).block_on(lfguard::server::run(config, path)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = %err, "lfguard cannot start");

@@ -22,6 +22,8 @@ pub struct Metrics {
     replay_entries: IntGauge,
     replay_evictions: IntCounter,
     secret_reloads: IntCounterVec,
+    verifications: IntCounterVec,
+    signature_variants: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -77,6 +79,22 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let verifications = IntCounterVec::new(
+            Opts::new(
+                "lfguard_verifications_total",
+                "Verification results (valid, or the failed check's code) by partner and mode",
+            ),
+            &["partner", "result", "mode"],
+        )
+        .expect("valid metric");
+        let signature_variants = IntCounterVec::new(
+            Opts::new(
+                "lfguard_signature_variants_total",
+                "Signature mismatches that a documented variant (named by its settings) would accept",
+            ),
+            &["partner", "variant"],
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new("lfguard_build_info", "The running lfguard version"),
             &["version"],
@@ -95,6 +113,8 @@ impl Metrics {
             Box::new(replay_entries.clone()),
             Box::new(replay_evictions.clone()),
             Box::new(secret_reloads.clone()),
+            Box::new(verifications.clone()),
+            Box::new(signature_variants.clone()),
             Box::new(build_info),
         ] {
             registry
@@ -109,7 +129,23 @@ impl Metrics {
             replay_entries,
             replay_evictions,
             secret_reloads,
+            verifications,
+            signature_variants,
         }
+    }
+
+    /// `partner` must already be a configured partner code, or `None`.
+    pub fn verification(&self, partner: Option<&str>, result: &str, mode: &str) {
+        self.verifications
+            .with_label_values(&[partner.unwrap_or(OTHER_PARTNER), result, mode])
+            .inc();
+    }
+
+    /// `partner` is a configured partner code (a variant is only found with its secrets).
+    pub fn signature_variant(&self, partner: &str, variant: &str) {
+        self.signature_variants
+            .with_label_values(&[partner, variant])
+            .inc();
     }
 
     /// `partner` must already be a configured partner code, or `None`.

@@ -18,7 +18,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::body::{ProxyBody, full};
-use crate::config::{Config, OnDuplicate};
+use crate::config::{Config, OnDuplicate, VerifyMode};
+use crate::diagnose;
 use crate::error::Rejection;
 use crate::freshness::{self, Staleness};
 use crate::metrics::Metrics;
@@ -82,12 +83,16 @@ impl UpstreamTarget {
     }
 }
 
-/// What a request came to, for the log event and metrics.
+/// What lfguard learned about a request as the pipeline ran: logged, counted, and forwarded as
+/// the `x-lfguard-*` headers.
 #[derive(Debug, Default)]
 pub struct RequestLog {
     pub partner: Option<String>,
     pub delivery_id: Option<String>,
     pub key_id: Option<String>,
+    pub mode: Option<VerifyMode>,
+    /// The check a report-mode request failed (it was forwarded anyway).
+    pub failure: Option<&'static str>,
     pub upstream_seconds: Option<f64>,
 }
 
@@ -97,6 +102,8 @@ pub enum Accepted {
     Forwarded,
     Duplicate,
     PassedThrough,
+    /// Failed a check but forwarded, marked, because its partner is in report mode.
+    Reported,
 }
 
 impl Accepted {
@@ -105,16 +112,9 @@ impl Accepted {
             Accepted::Forwarded => "forwarded",
             Accepted::Duplicate => "duplicate",
             Accepted::PassedThrough => "passed_through",
+            Accepted::Reported => "reported",
         }
     }
-}
-
-/// A callback that passed every check, ready to forward.
-struct Verified {
-    partner: String,
-    delivery_id: Option<String>,
-    key_id: String,
-    replay_key: String,
 }
 
 pub struct Proxy {
@@ -194,6 +194,7 @@ impl Proxy {
             partner = log.partner.as_deref().unwrap_or(""),
             delivery_id = log.delivery_id.as_deref().unwrap_or(""),
             key_id = log.key_id.as_deref().unwrap_or(""),
+            failure = log.failure.unwrap_or(""),
             peer = %peer,
             latency_ms = elapsed.as_secs_f64() * 1000.0,
             "request"
@@ -220,30 +221,42 @@ impl Proxy {
         if parts.method != Method::POST {
             return Err(Rejection::MethodNotAllowed);
         }
+        // Framing and parsing protect lfguard and the backend: enforced in every mode.
         let form = content_kind(&parts.headers)?;
-        // Header checks first: a request without them is refused before its body is read.
-        let signature = signature_header(&parts.headers)?;
-        log.delivery_id = delivery_id(&parts.headers, self.config.verify.require_delivery_id)?;
         let body = self.read_body(&parts, incoming).await?;
         let parsed = parse_body(&body, form)?;
-        let partner = partner_code(&parsed)?;
-        log.partner = Some(partner.to_string());
-        let key_id = self.verify_signature(&parsed, partner, signature)?;
-        log.key_id = Some(key_id.0.clone());
-        self.check_freshness(&parsed, arrived)?;
-        let verified = Verified {
-            partner: partner.to_string(),
-            delivery_id: log.delivery_id.clone(),
-            key_id: key_id.0,
-            replay_key: format!("{partner}:{}", signature::hex_string(&key_id.1)),
+        let secrets = self.secrets.load();
+        let partner = partner_code(&parsed);
+        log.partner = partner.as_ref().ok().map(|code| code.to_string());
+        let mode = secrets.mode_for(log.partner.as_deref());
+        log.mode = Some(mode);
+
+        // Signature, delivery id and freshness.
+        let replay_key = match self.check(&parts.headers, &parsed, partner, &secrets, arrived, log)
+        {
+            Ok(replay_key) => replay_key,
+            Err(rejection) => {
+                return self
+                    .refuse_or_report(rejection, &parts, body, peer, log)
+                    .await;
+            }
         };
 
         // Replay claim: the first copy owns the key until the backend has answered.
-        let guard = match self.claim(&verified.replay_key).await? {
-            Some(guard) => guard,
-            None => return Ok((duplicate_response(), Accepted::Duplicate)),
+        let guard = match self.claim(&replay_key).await {
+            Ok(Some(guard)) => guard,
+            Ok(None) => {
+                self.count_verification(log, Rejection::Replay.code());
+                return Ok((duplicate_response(), Accepted::Duplicate));
+            }
+            Err(rejection) => {
+                return self
+                    .refuse_or_report(rejection, &parts, body, peer, log)
+                    .await;
+            }
         };
-        let forward = self.upstream_request(&parts, body, peer, Some(&verified));
+        self.count_verification(log, "valid");
+        let forward = self.upstream_request(&parts, body, peer, Some(log));
         let result = self.send_upstream(forward, log).await;
 
         // Settle: only a 2xx from the backend makes the callback delivered; anything else frees
@@ -258,6 +271,61 @@ impl Proxy {
             tracing::warn!(error = %err, delivered, "could not settle the replay claim");
         }
         Ok((result?, Accepted::Forwarded))
+    }
+
+    /// The checks that report mode may waive. Returns the replay key: partner + digest.
+    fn check(
+        &self,
+        headers: &HeaderMap,
+        body: &Body<'_>,
+        partner: Result<&str, Rejection>,
+        secrets: &SecretStore,
+        arrived: SystemTime,
+        log: &mut RequestLog,
+    ) -> Result<String, Rejection> {
+        let signature = signature_header(headers)?;
+        log.delivery_id = delivery_id(headers, self.config.verify.require_delivery_id)?;
+        let partner = partner?;
+        let (key_id, digest) = self.verify_signature(body, partner, signature, secrets)?;
+        log.key_id = Some(key_id);
+        self.check_freshness(body, arrived)?;
+        Ok(format!("{partner}:{}", signature::hex_string(&digest)))
+    }
+
+    /// Refuses, or in report mode forwards the request marked with the failed check. Replay
+    /// claims are not taken for such requests: only verified callbacks are remembered.
+    async fn refuse_or_report(
+        &self,
+        rejection: Rejection,
+        parts: &Parts,
+        body: Bytes,
+        peer: SocketAddr,
+        log: &mut RequestLog,
+    ) -> Result<(Response<ProxyBody>, Accepted), Rejection> {
+        if !rejection.is_reportable() {
+            return Err(rejection);
+        }
+        self.count_verification(log, rejection.code());
+        if log.mode != Some(VerifyMode::Report) {
+            return Err(rejection);
+        }
+        log.failure = Some(rejection.code());
+        let forward = self.upstream_request(parts, body, peer, Some(log));
+        let response = self.send_upstream(forward, log).await?;
+        Ok((response, Accepted::Reported))
+    }
+
+    fn count_verification(&self, log: &RequestLog, result: &'static str) {
+        let mode = log.mode.unwrap_or_default();
+        self.metrics
+            .verification(self.known_partner(log), result, mode.as_str());
+    }
+
+    /// The partner as a metrics label: only configured codes, so labels stay bounded.
+    fn known_partner<'l>(&self, log: &'l RequestLog) -> Option<&'l str> {
+        log.partner
+            .as_deref()
+            .filter(|partner| self.secrets.load().contains(partner))
     }
 
     fn is_passthrough(&self, parts: &Parts) -> bool {
@@ -293,29 +361,48 @@ impl Proxy {
         }
     }
 
-    /// Tries each of the partner's secrets; the matching one names the forwarded key id.
+    /// Tries each of the partner's secrets; the matching one names the forwarded key id. On a
+    /// mismatch, the documented variants are tried so that the log and metrics can say which
+    /// setting would have accepted it.
     fn verify_signature(
         &self,
         body: &Body<'_>,
         partner: &str,
         signature: &HeaderValue,
+        secrets: &SecretStore,
     ) -> Result<(String, [u8; 16]), Rejection> {
-        let secrets = self.secrets.load();
         let keys = secrets.keys(partner).ok_or(Rejection::UnknownPartner)?;
-        let claimed =
-            signature::decode_header(signature.as_bytes(), self.config.verify.signature_encoding)
-                .ok_or_else(|| {
-                Rejection::BadSignature(
-                    "x-lf-md5 is not a base64 md5 digest in an accepted encoding".into(),
-                )
-            })?;
-        let prepared = signature::Prepared::new(&body.canonical(self.config.verify.null_values));
-        keys.iter()
-            .find_map(|key| {
+        let verify = &self.config.verify;
+        let claimed = signature::decode_header(signature.as_bytes(), verify.signature_encoding);
+        if let Some(claimed) = claimed {
+            let prepared = signature::Prepared::new(
+                &body.canonical_with(verify.null_values, verify.nested_values),
+            );
+            let matched = keys.iter().find_map(|key| {
                 let digest = prepared.digest(&key.secret);
                 claimed.matches(&digest).then(|| (key.id.clone(), digest))
-            })
-            .ok_or_else(|| Rejection::BadSignature("signature does not match".into()))
+            });
+            if let Some(matched) = matched {
+                return Ok(matched);
+            }
+        }
+        let settings = diagnose::Settings {
+            encoding: verify.signature_encoding,
+            nulls: verify.null_values,
+            nested: verify.nested_values,
+        };
+        let candidates: Vec<&str> = keys.iter().map(|key| key.secret.as_str()).collect();
+        if let Some(variant) =
+            diagnose::find_variant(body, signature.as_bytes(), &candidates, settings)
+        {
+            let variant = variant.name();
+            tracing::warn!(partner, variant = %variant, "signature matches a variant the configuration does not accept");
+            self.metrics.signature_variant(partner, &variant);
+        }
+        Err(Rejection::BadSignature(match claimed {
+            None => "x-lf-md5 is not a base64 md5 digest in an accepted encoding".into(),
+            Some(_) => "signature does not match".into(),
+        }))
     }
 
     fn check_freshness(&self, body: &Body<'_>, arrived: SystemTime) -> Result<(), Rejection> {
@@ -373,7 +460,7 @@ impl Proxy {
         parts: &Parts,
         body: Bytes,
         peer: SocketAddr,
-        verified: Option<&Verified>,
+        verification: Option<&RequestLog>,
     ) -> Request<Full<Bytes>> {
         let mut headers = HeaderMap::with_capacity(parts.headers.len() + 8);
         let listed_in_connection: Vec<HeaderName> = parts
@@ -421,12 +508,24 @@ impl Proxy {
         if let Some(host) = parts.headers.get(header::HOST) {
             headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
         }
-        if let Some(verified) = verified {
-            add(&mut headers, "x-lfguard-verified", "true");
-            add(&mut headers, "x-lfguard-partner-code", &verified.partner);
-            add(&mut headers, "x-lfguard-key-id", &verified.key_id);
-            if let Some(delivery_id) = &verified.delivery_id {
-                add(&mut headers, "x-lfguard-delivery-id", delivery_id);
+        if let Some(facts) = verification {
+            let verified = if facts.failure.is_none() {
+                "true"
+            } else {
+                "false"
+            };
+            add(&mut headers, "x-lfguard-verified", verified);
+            if let Some(failure) = facts.failure {
+                add(&mut headers, "x-lfguard-failure", failure);
+            }
+            for (name, value) in [
+                ("x-lfguard-partner-code", &facts.partner),
+                ("x-lfguard-key-id", &facts.key_id),
+                ("x-lfguard-delivery-id", &facts.delivery_id),
+            ] {
+                if let Some(value) = value {
+                    add(&mut headers, name, value);
+                }
             }
         }
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, VerifyMode};
 use crate::server::Shared;
 
 /// One secret of a partner. `id` names where it came from, never what it is.
@@ -27,10 +27,13 @@ impl fmt::Debug for Key {
     }
 }
 
-/// Every configured partner's secrets, in rotation order.
+/// Every configured partner's secrets, in rotation order, and the verification mode of each:
+/// the part of the configuration that a reload replaces.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SecretStore {
     partners: HashMap<String, Vec<Key>>,
+    default_mode: VerifyMode,
+    modes: HashMap<String, VerifyMode>,
 }
 
 /// A partner code as Linksfield issues them (`P002671`); also a safe file name.
@@ -90,7 +93,16 @@ impl SecretStore {
             }
         }
         if problems.is_empty() {
-            Ok(SecretStore { partners })
+            let modes = config
+                .partners
+                .iter()
+                .filter_map(|(code, partner)| Some((code.clone(), partner.mode?)))
+                .collect();
+            Ok(SecretStore {
+                partners,
+                default_mode: config.verify.mode,
+                modes,
+            })
         } else {
             Err(problems)
         }
@@ -99,6 +111,14 @@ impl SecretStore {
     /// The secrets of a partner, if it is configured.
     pub fn keys(&self, partner: &str) -> Option<&[Key]> {
         self.partners.get(partner).map(Vec::as_slice)
+    }
+
+    /// The mode for a partner; `verify.mode` when the partner is unknown or has no override.
+    pub fn mode_for(&self, partner: Option<&str>) -> VerifyMode {
+        partner
+            .and_then(|code| self.modes.get(code))
+            .copied()
+            .unwrap_or(self.default_mode)
     }
 
     pub fn contains(&self, partner: &str) -> bool {
@@ -117,15 +137,26 @@ impl SecretStore {
     }
 }
 
-/// Re-reads every secret source and swaps the new set in whole. A failed read keeps the last good
-/// set, logs why and counts it.
+/// Re-reads the configuration file and every secret source, and swaps the new secrets and modes
+/// in whole. A failed read keeps the last good set, logs why and counts it.
 pub fn reload(shared: &Shared, trigger: &'static str) {
-    apply(shared, SecretStore::load(&shared.config), trigger);
+    apply(shared, load_current(shared), trigger);
 }
 
-fn apply(shared: &Shared, loaded: Result<SecretStore, Vec<String>>, trigger: &'static str) {
+/// The configuration as it is now on disk and in the environment, and its secrets.
+fn load_current(shared: &Shared) -> Result<(Config, SecretStore), Vec<String>> {
+    let config = crate::config::load(shared.config_path.as_deref()).map_err(|err| err.0)?;
+    let secrets = SecretStore::load(&config)?;
+    Ok((config, secrets))
+}
+
+fn apply(
+    shared: &Shared,
+    loaded: Result<(Config, SecretStore), Vec<String>>,
+    trigger: &'static str,
+) {
     match loaded {
-        Ok(fresh) => {
+        Ok((config, fresh)) => {
             if **shared.secrets.load() != fresh {
                 tracing::info!(
                     trigger,
@@ -133,6 +164,12 @@ fn apply(shared: &Shared, loaded: Result<SecretStore, Vec<String>>, trigger: &'s
                     "secrets reloaded"
                 );
                 shared.secrets.store(Arc::new(fresh));
+            }
+            if !shared.config.same_apart_from_reloadable(&config) {
+                tracing::warn!(
+                    trigger,
+                    "configuration changes other than partners, secrets and modes take effect at the next restart"
+                );
             }
             shared.metrics.secret_reload(true);
         }
@@ -147,9 +184,10 @@ fn apply(shared: &Shared, loaded: Result<SecretStore, Vec<String>>, trigger: &'s
     }
 }
 
-/// Polls the secret files every `reload_interval`, comparing content rather than mtimes:
-/// Kubernetes updates a mounted Secret by swapping a symlink, which leaves file mtimes alone.
-/// Only changes count as reloads, and a broken source is reported once until it changes again.
+/// Polls the config file and the secret files every `reload_interval`, comparing content rather
+/// than mtimes: Kubernetes updates a mounted Secret or ConfigMap by swapping a symlink, which
+/// leaves file mtimes alone. Only changes count as reloads, and a broken source is reported once
+/// until it changes again.
 pub async fn watch(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut last_problems: Option<Vec<String>> = None;
     let mut tick = tokio::time::interval(shared.config.reload_interval);
@@ -160,9 +198,9 @@ pub async fn watch(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stop.wait_for(|stop| *stop) => return,
         }
-        let loaded = SecretStore::load(&shared.config);
+        let loaded = load_current(&shared);
         let unchanged = match &loaded {
-            Ok(fresh) => **shared.secrets.load() == *fresh,
+            Ok((_, fresh)) => **shared.secrets.load() == *fresh,
             Err(problems) => last_problems.as_ref() == Some(problems),
         };
         last_problems = loaded.as_ref().err().cloned();
@@ -310,10 +348,31 @@ mod tests {
             secrets: vec!["".into(), "good-secret".into()],
             secret_files: vec![empty, dir.path().join("missing")],
             secret_env: vec!["LFGUARD_TEST_SURELY_UNSET_VAR".into()],
+            mode: None,
         });
         let problems = SecretStore::load(&config).unwrap_err();
         assert_eq!(problems.len(), 4, "{problems:?}");
         assert!(problems.iter().all(|p| !p.contains("good-secret")));
+    }
+
+    #[test]
+    fn partner_modes_override_the_default() {
+        let mut config = config_with(PartnerConfig {
+            secrets: vec!["k".into()],
+            mode: Some(VerifyMode::Report),
+            ..Default::default()
+        });
+        config.partners.insert(
+            "P2".into(),
+            PartnerConfig {
+                secrets: vec!["k".into()],
+                ..Default::default()
+            },
+        );
+        let store = SecretStore::load(&config).unwrap();
+        assert_eq!(store.mode_for(Some("P1")), VerifyMode::Report);
+        assert_eq!(store.mode_for(Some("P2")), VerifyMode::Enforce);
+        assert_eq!(store.mode_for(None), VerifyMode::Enforce);
     }
 
     #[test]

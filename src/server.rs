@@ -2,6 +2,7 @@
 //! and drains gracefully on SIGTERM/SIGINT.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -26,7 +27,10 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// State shared by the proxy, the admin server and the signal handlers.
 pub struct Shared {
+    /// The configuration lfguard started with; a reload replaces only `secrets`.
     pub config: Arc<Config>,
+    /// Where the configuration came from, re-read on reload.
+    pub config_path: Option<PathBuf>,
     pub secrets: Arc<ArcSwap<SecretStore>>,
     pub replay: Arc<AnyStore>,
     pub metrics: Arc<Metrics>,
@@ -36,7 +40,7 @@ pub struct Shared {
 
 /// Runs lfguard until a shutdown signal, then drains. Returns once every connection closed or
 /// `server.shutdown_grace` passed.
-pub async fn run(config: Config) -> Result<(), String> {
+pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), String> {
     let config = Arc::new(config);
     let secrets = SecretStore::load(&config).map_err(|problems| problems.join("; "))?;
     for (code, partner) in &config.partners {
@@ -50,6 +54,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         metrics: Arc::new(Metrics::new()),
         draining: AtomicBool::new(false),
         config: config.clone(),
+        config_path,
     });
 
     let proxy_listener = bind(config.server.listen, "proxy").await?;

@@ -43,6 +43,17 @@ pub enum Encoding {
     Raw,
 }
 
+/// How an object or array member is written into the string to sign (`verify.nested_values`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NestedValues {
+    /// As written in the body, whitespace outside strings removed (SPEC §2).
+    #[default]
+    AsWritten,
+    /// Re-serialised by a JSON library: keys sorted, numbers and escapes normalised.
+    Reserialized,
+}
+
 /// Why a body cannot be verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BodyError {
@@ -146,6 +157,19 @@ impl<'a> Body<'a> {
             .map(|i| &self.members[i].value)
     }
 
+    /// Whether any member is `null` or nested, i.e. whether the null and nested variants can
+    /// change the string to sign.
+    pub fn has_null_or_nested(&self) -> (bool, bool) {
+        self.members
+            .iter()
+            .fold((false, false), |(null, nested), m| {
+                (
+                    null || m.value == Value::Null,
+                    nested || matches!(m.value, Value::Nested(_)),
+                )
+            })
+    }
+
     /// The members in signing order.
     pub fn members(&self) -> &[Member<'a>] {
         &self.members
@@ -153,12 +177,24 @@ impl<'a> Body<'a> {
 
     /// The string to sign without its final `&secret`.
     pub fn canonical(&self, nulls: NullValues) -> String {
+        self.canonical_with(nulls, NestedValues::AsWritten)
+    }
+
+    /// The string to sign under any of the documented variants (SPEC §10).
+    pub fn canonical_with(&self, nulls: NullValues, nested: NestedValues) -> String {
         let mut out = String::with_capacity(256);
         for member in &self.members {
+            let reserialized;
             let text: &str = match &member.value {
                 Value::Str(s) => s,
                 Value::Token(t) => t,
-                Value::Nested(n) => n,
+                Value::Nested(n) => match nested {
+                    NestedValues::AsWritten => n,
+                    NestedValues::Reserialized => {
+                        reserialized = reserialize(n);
+                        reserialized.as_deref().unwrap_or(n)
+                    }
+                },
                 Value::Null => match nulls {
                     NullValues::Empty => "",
                     NullValues::Skip => continue,
@@ -174,6 +210,14 @@ impl<'a> Body<'a> {
         }
         out
     }
+}
+
+/// A nested value as a generic JSON library prints it: keys sorted, numbers normalised, strings
+/// unescaped where JSON allows. `None` where serde_json cannot represent it (`1e999999`).
+fn reserialize(nested: &str) -> Option<String> {
+    serde_json::from_str::<serde_json::Value>(nested)
+        .ok()
+        .map(|value| value.to_string())
 }
 
 fn form_decode(raw: &[u8]) -> Result<Cow<'_, str>, BodyError> {
@@ -773,6 +817,22 @@ mod tests {
         assert_eq!(
             Body::from_json(body.as_bytes()).unwrap().members().len(),
             100_000
+        );
+    }
+
+    #[test]
+    fn nested_values_can_be_reserialized() {
+        let body = Body::from_json(br#"{"m":{ "z": 1.50, "a": ["\u0041"] },"n":null}"#).unwrap();
+        assert_eq!(
+            body.canonical_with(NullValues::Skip, NestedValues::Reserialized),
+            r#"m={"a":["A"],"z":1.5}"#
+        );
+        assert_eq!(body.has_null_or_nested(), (true, true));
+        let huge = Body::from_json(br#"{"m":[1e999999]}"#).unwrap();
+        assert_eq!(
+            huge.canonical_with(NullValues::Empty, NestedValues::Reserialized),
+            "m=[1e999999]",
+            "unrepresentable values stay as written"
         );
     }
 

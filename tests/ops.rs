@@ -431,13 +431,21 @@ fn slow_headers_are_cut_off_while_others_are_served() {
     let backend = Backend::start();
     let lfguard = Lfguard::start(&backend, "[server]\nheader_read_timeout = \"300ms\"");
     let mut slow = TcpStream::connect(lfguard.addr).unwrap();
-    slow.write_all(b"POST /callback HTTP/1.1\r\nHost: x\r\n").unwrap();
+    slow.write_all(b"POST /callback HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
     assert_eq!(lfguard.post(&Callback::signed(sms_body())).status, 200);
-    slow.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut answer = Vec::new();
     let closed = slow.read_to_end(&mut answer);
-    assert!(closed.is_ok(), "the connection is closed, not left hanging: {closed:?}");
+    assert!(
+        closed.is_ok(),
+        "the connection is closed, not left hanging: {closed:?}"
+    );
     let text = String::from_utf8_lossy(&answer);
-    assert!(answer.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        answer.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
     assert_eq!(backend.count(), 1);
 }
