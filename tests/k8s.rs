@@ -1,0 +1,176 @@
+//! The Kubernetes manifests (SPEC §9) agree with the binary: the lfguard.toml that k8s/base ships
+//! in its ConfigMap passes the real `lfguard check-config`, also with the redis overlay's
+//! environment, and the pod's termination grace period outlasts lfguard's shutdown grace.
+//! `scripts/validate-k8s` checks the rendered manifests against the Kubernetes schemas.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+/// The file kustomize turns into the ConfigMap `lfguard-config` (configMapGenerator).
+const BASE_TOML: &str = "k8s/base/lfguard.toml";
+const DEPLOYMENT: &str = "k8s/base/deployment.yaml";
+const REDIS_PATCH: &str = "k8s/overlays/redis/lfguard-patch.yaml";
+const REDIS_SECRET: &str = "k8s/overlays/redis/redis-secret.yaml";
+
+fn repo_file(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+fn read(relative: &str) -> String {
+    std::fs::read_to_string(repo_file(relative)).unwrap_or_else(|err| panic!("{relative}: {err}"))
+}
+
+fn base_config() -> toml::Table {
+    read(BASE_TOML)
+        .parse()
+        .unwrap_or_else(|err| panic!("{BASE_TOML}: {err}"))
+}
+
+/// Runs `lfguard check-config --config k8s/base/lfguard.toml` with `env` and nothing else from
+/// the LFGUARD_* environment of the test run. The real partners_dir
+/// (/var/run/secrets/linksfield) exists only in the pod, and check-config reads the secrets, so
+/// LFGUARD_PARTNERS_DIR points it at a temporary directory with a placeholder partner.
+fn check_config(env: &[(&str, &str)]) -> (Output, tempfile::TempDir) {
+    let partners = tempfile::tempdir().unwrap();
+    std::fs::write(partners.path().join("P123456"), "placeholder-secret\n").unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lfguard"));
+    command
+        .arg("check-config")
+        .arg("--config")
+        .arg(repo_file(BASE_TOML));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("LFGUARD_") {
+            command.env_remove(name);
+        }
+    }
+    command.envs(env.iter().copied());
+    command.env("LFGUARD_PARTNERS_DIR", partners.path());
+    let output = command.output().expect("the lfguard binary runs");
+    (output, partners)
+}
+
+/// The effective configuration that check-config printed, after asserting that it succeeded.
+fn effective(output: &Output) -> toml::Table {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "check-config refused {BASE_TOML} (status {:?}):\n{}{stdout}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .parse()
+        .unwrap_or_else(|err| panic!("check-config printed no TOML ({err}):\n{stdout}"))
+}
+
+/// `section.key` (or a top-level `key`) of a TOML table.
+fn get<'a>(table: &'a toml::Table, path: &str) -> &'a toml::Value {
+    let mut keys = path.split('.');
+    let last = keys.next_back().expect("a non-empty path");
+    let table = keys.fold(table, |table, key| {
+        table
+            .get(key)
+            .and_then(toml::Value::as_table)
+            .unwrap_or_else(|| panic!("[{key}] is missing (looking for {path})"))
+    });
+    table
+        .get(last)
+        .unwrap_or_else(|| panic!("{path} is missing"))
+}
+
+fn get_str<'a>(table: &'a toml::Table, path: &str) -> &'a str {
+    get(table, path)
+        .as_str()
+        .unwrap_or_else(|| panic!("{path} is not a string"))
+}
+
+#[test]
+fn base_configmap_passes_check_config() {
+    let (output, partners) = check_config(&[]);
+    let config = effective(&output);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains(r#"url = "http://127.0.0.1:8081""#),
+        "{stdout}"
+    );
+    assert_eq!(get_str(&config, "upstream.url"), "http://127.0.0.1:8081");
+    assert_eq!(get_str(&config, "server.listen"), "0.0.0.0:8080");
+    assert_eq!(get_str(&config, "server.admin_listen"), "0.0.0.0:9090");
+    assert_eq!(get_str(&config, "replay.store"), "memory");
+    assert_eq!(get_str(&config, "log.format"), "json");
+    assert_eq!(
+        Path::new(get_str(&config, "partners_dir")),
+        partners.path(),
+        "LFGUARD_PARTNERS_DIR overrides the file"
+    );
+
+    // Where the pod mounts the Secret is where the shipped file looks for it.
+    let file = base_config();
+    assert_eq!(
+        get_str(&file, "partners_dir"),
+        "/var/run/secrets/linksfield"
+    );
+    assert!(
+        read(DEPLOYMENT).contains("mountPath: /var/run/secrets/linksfield"),
+        "{DEPLOYMENT} does not mount the partner Secret at partners_dir"
+    );
+}
+
+#[test]
+fn redis_overlay_environment_passes_check_config() {
+    let patch = read(REDIS_PATCH);
+    for expected in [
+        "name: LFGUARD_REPLAY__STORE",
+        "value: redis",
+        "name: LFGUARD_REPLAY__REDIS_URL",
+    ] {
+        assert!(patch.contains(expected), "{REDIS_PATCH} lacks `{expected}`");
+    }
+    let url = read(REDIS_SECRET)
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("url:"))
+        .map(|url| url.trim().to_string())
+        .unwrap_or_else(|| panic!("{REDIS_SECRET} has no `url:`"));
+
+    let (output, _partners) = check_config(&[
+        ("LFGUARD_REPLAY__STORE", "redis"),
+        ("LFGUARD_REPLAY__REDIS_URL", &url),
+    ]);
+    let config = effective(&output);
+    assert_eq!(get_str(&config, "replay.store"), "redis");
+    assert_eq!(get_str(&config, "replay.redis_url"), url);
+}
+
+#[test]
+fn termination_grace_period_exceeds_shutdown_grace() {
+    let file = base_config();
+    let shutdown_grace = humantime::parse_duration(get_str(&file, "server.shutdown_grace"))
+        .expect("server.shutdown_grace is a duration");
+
+    let deployment = read(DEPLOYMENT);
+    let periods: Vec<u64> = deployment
+        .lines()
+        .filter_map(|line| {
+            line.trim()
+                .strip_prefix("terminationGracePeriodSeconds:")
+                .map(|value| {
+                    value
+                        .trim()
+                        .parse()
+                        .unwrap_or_else(|err| panic!("terminationGracePeriodSeconds: {err}"))
+                })
+        })
+        .collect();
+    assert_eq!(
+        periods.len(),
+        1,
+        "{DEPLOYMENT}: expected one terminationGracePeriodSeconds"
+    );
+    let period = Duration::from_secs(periods[0]);
+    assert!(
+        period > shutdown_grace,
+        "terminationGracePeriodSeconds ({period:?}) must exceed server.shutdown_grace \
+         ({shutdown_grace:?}), or the kubelet kills lfguard while it drains"
+    );
+}
