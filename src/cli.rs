@@ -13,7 +13,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::signature::{self, Body, Encoding, NullValues};
+use crate::diagnose;
+use crate::signature::{self, Body, Encoding, NestedValues, NullValues};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -127,10 +128,50 @@ pub struct VerifyArgs {
     /// The x-lf-md5 value.
     #[arg(long)]
     signature: String,
+    /// Which digest encodings to accept, as `verify.signature_encoding`.
+    #[arg(long, value_enum, default_value = "auto")]
+    encoding: AcceptArg,
     #[arg(long, value_enum, default_value = "empty")]
     null_values: NullArg,
+    #[arg(long, value_enum, default_value = "as-written")]
+    nested_values: NestedArg,
+    /// Also print the string to sign, with the secret masked.
+    #[arg(long)]
+    explain: bool,
     /// The body, or `-` (the default) for standard input.
     body: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AcceptArg {
+    Auto,
+    Hex,
+    Raw,
+}
+
+impl From<AcceptArg> for Encoding {
+    fn from(encoding: AcceptArg) -> Self {
+        match encoding {
+            AcceptArg::Auto => Encoding::Auto,
+            AcceptArg::Hex => Encoding::Hex,
+            AcceptArg::Raw => Encoding::Raw,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum NestedArg {
+    AsWritten,
+    Reserialized,
+}
+
+impl From<NestedArg> for NestedValues {
+    fn from(nested: NestedArg) -> Self {
+        match nested {
+            NestedArg::AsWritten => NestedValues::AsWritten,
+            NestedArg::Reserialized => NestedValues::Reserialized,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -204,28 +245,50 @@ fn mask(secret: &str) -> String {
     format!("<secret: {} chars>", secret.chars().count())
 }
 
-/// `verify`: `Ok(true)` when the signature matches.
+/// `verify`: `Ok(true)` when the signature matches. On a mismatch, the documented variants are
+/// tried and the settings that would accept the body are printed.
 pub fn verify(args: &VerifyArgs) -> Result<bool, String> {
     let secret = args.secret.resolve()?;
     let raw = read_body(args.body.as_deref())?;
-    let canonical = parse(&raw)?.canonical(args.null_values.into());
-    let Some(claimed) = signature::decode_header(args.signature.trim().as_bytes(), Encoding::Auto)
-    else {
-        println!("invalid: the signature is not base64 of an md5 digest (hex or raw)");
-        return Ok(false);
+    let body = parse(&raw)?;
+    let settings = diagnose::Settings {
+        encoding: args.encoding.into(),
+        nulls: args.null_values.into(),
+        nested: args.nested_values.into(),
     };
-    let digest = signature::Prepared::new(&canonical).digest(&secret);
-    if claimed.matches(&digest) {
+    let canonical = body.canonical_with(settings.nulls, settings.nested);
+    if args.explain {
+        println!(
+            "string to sign: {}",
+            signature::string_to_sign(&canonical, &mask(&secret))
+        );
+    }
+    let header = args.signature.trim().as_bytes();
+    if let Some(claimed) = signature::decode_header(header, settings.encoding)
+        && claimed.matches(&signature::Prepared::new(&canonical).digest(&secret))
+    {
         let encoding = match claimed {
             signature::Claimed::Raw(_) => "raw",
             signature::Claimed::Hex(_) => "hex",
         };
         println!("valid ({encoding} digest encoding)");
-        Ok(true)
-    } else {
-        println!("invalid: the signature does not match this body and secret");
-        Ok(false)
+        return Ok(true);
     }
+    if signature::decode_header(header, Encoding::Auto).is_none() {
+        println!("invalid: the signature is not base64 of an md5 digest (hex or raw)");
+        return Ok(false);
+    }
+    match diagnose::find_variant(&body, header, &[secret.as_str()], settings) {
+        Some(variant) => println!(
+            "invalid with these settings, but valid with {}; to accept it, set in [verify]:\n{}",
+            variant.name(),
+            variant.config_fix()
+        ),
+        None => println!(
+            "invalid: the signature does not match this body and secret under any documented variant"
+        ),
+    }
+    Ok(false)
 }
 
 /// Linksfield's delivery ids are snowflakes: milliseconds, a worker id and a sequence.

@@ -242,10 +242,14 @@ impl Proxy {
             }
         };
 
-        // Replay claim: the first copy owns the key until the backend has answered.
+        // Replay claim: the first copy owns the key until the backend has answered. A copy of a
+        // delivered callback is acknowledged without forwarding, unless policy says otherwise.
         let guard = match self.claim(&replay_key).await {
-            Ok(Some(guard)) => guard,
-            Ok(None) => {
+            Ok(guard) => guard,
+            Err(Rejection::Replay)
+                if self.config.replay.on_duplicate == OnDuplicate::Acknowledge
+                    && mode == VerifyMode::Enforce =>
+            {
                 self.count_verification(log, Rejection::Replay.code());
                 return Ok((duplicate_response(), Accepted::Duplicate));
             }
@@ -428,8 +432,9 @@ impl Proxy {
         Ok(())
     }
 
-    /// `Ok(None)` for a duplicate to acknowledge.
-    async fn claim(&self, replay_key: &str) -> Result<Option<ClaimGuard>, Rejection> {
+    /// `Err(Replay)` for a copy of a delivered callback, `Err(InFlight)` while another copy is
+    /// being forwarded.
+    async fn claim(&self, replay_key: &str) -> Result<ClaimGuard, Rejection> {
         let in_flight = self.config.upstream.timeout + CLAIM_MARGIN;
         let claim = self
             .replay
@@ -437,15 +442,12 @@ impl Proxy {
             .await
             .map_err(|err| Rejection::ReplayStoreUnavailable(err.0))?;
         match claim {
-            Claim::Claimed(token) => Ok(Some(ClaimGuard::new(
+            Claim::Claimed(token) => Ok(ClaimGuard::new(
                 self.replay.clone(),
                 replay_key.to_string(),
                 token,
-            ))),
-            Claim::Delivered => match self.config.replay.on_duplicate {
-                OnDuplicate::Acknowledge => Ok(None),
-                OnDuplicate::Reject => Err(Rejection::Replay),
-            },
+            )),
+            Claim::Delivered => Err(Rejection::Replay),
             Claim::InFlight => Err(Rejection::InFlight {
                 retry_after_secs: in_flight.as_secs().max(1),
             }),
