@@ -465,14 +465,7 @@ impl Proxy {
         verification: Option<&RequestLog>,
     ) -> Request<Full<Bytes>> {
         let mut headers = HeaderMap::with_capacity(parts.headers.len() + 8);
-        let listed_in_connection: Vec<HeaderName> = parts
-            .headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-            .collect();
+        let listed_in_connection = listed_in_connection(&parts.headers);
         let mut forwarded_for: Option<String> = None;
         for (name, value) in &parts.headers {
             let dropped = HOP_BY_HOP.contains(name)
@@ -572,14 +565,19 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     message
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
+/// Headers that `Connection` declares hop-by-hop for this message.
+fn listed_in_connection(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-        .collect();
+        .collect()
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed = listed_in_connection(headers);
     for name in HOP_BY_HOP.iter().chain(&listed) {
         headers.remove(name);
     }

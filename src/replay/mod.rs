@@ -7,7 +7,8 @@
 pub mod memory;
 pub mod redis;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crate::config::{Config, StoreKind};
@@ -29,10 +30,18 @@ pub enum Claim {
 pub struct Token(String);
 
 impl Token {
+    /// Unique across processes (a random prefix drawn once) and within one (a counter), without
+    /// a system call per request.
     pub fn new() -> Self {
-        let mut bytes = [0u8; 16];
-        getrandom::fill(&mut bytes).expect("the OS random source is available");
-        Token(bytes.iter().map(|b| format!("{b:02x}")).collect())
+        static PROCESS: OnceLock<u64> = OnceLock::new();
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let process = PROCESS.get_or_init(|| {
+            let mut bytes = [0u8; 8];
+            getrandom::fill(&mut bytes).expect("the OS random source is available");
+            u64::from_le_bytes(bytes)
+        });
+        let sequence = COUNTER.fetch_add(1, Ordering::Relaxed);
+        Token(format!("{process:016x}{sequence:016x}"))
     }
 
     pub fn as_str(&self) -> &str {
