@@ -334,10 +334,13 @@ impl Proxy {
 
     fn is_passthrough(&self, parts: &Parts) -> bool {
         let path = parts.uri.path();
-        self.config
-            .routes
-            .iter()
-            .any(|route| !route.verify && path.starts_with(&route.path_prefix))
+        !self.config.routes.is_empty()
+            && !has_dot_segments(path)
+            && self
+                .config
+                .routes
+                .iter()
+                .any(|route| !route.verify && under_prefix(path, &route.path_prefix))
     }
 
     /// Buffers the body within `server.max_body_bytes` and `server.body_read_timeout`. A declared
@@ -550,6 +553,8 @@ impl Proxy {
         };
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        // lfguard speaks HTTP/1.1 to its client whatever the backend spoke.
+        parts.version = Version::HTTP_11;
         Ok(Response::from_parts(parts, body.boxed()))
     }
 }
@@ -583,8 +588,36 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// `true` for a form body, `false` for JSON; anything else is refused.
+/// `/health` covers `/health` and `/health/...`, not `/healthX` (a prefix ending in `/` covers
+/// what follows it).
+fn under_prefix(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// Whether a path has `.` or `..` segments, also percent-encoded or behind an encoded slash or a
+/// backslash: a backend that normalises such a path could serve a verified route through an
+/// unverified prefix (`/health/../callback`), so such paths never pass through unverified.
+fn has_dot_segments(path: &str) -> bool {
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    decoded
+        .split(['/', '\\'])
+        .any(|segment| segment == "." || segment == "..")
+}
+
+/// `true` for a form body, `false` for JSON; anything else (or two Content-Type headers, which
+/// lfguard and the backend might read differently) is refused.
 fn content_kind(headers: &HeaderMap) -> Result<bool, Rejection> {
+    if headers
+        .get_all(header::CONTENT_TYPE)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Err(Rejection::UnsupportedMediaType);
+    }
     let value = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -718,6 +751,27 @@ mod tests {
             content_kind(&HeaderMap::new()),
             Err(Rejection::UnsupportedMediaType)
         );
+    }
+
+    #[test]
+    fn passthrough_prefixes_match_whole_segments_without_dot_segments() {
+        assert!(under_prefix("/health", "/health"));
+        assert!(under_prefix("/health/live", "/health"));
+        assert!(!under_prefix("/healthx", "/health"));
+        assert!(under_prefix("/static/x", "/static/"));
+        for path in [
+            "/health/../callback",
+            "/health/./x",
+            "/health/%2e%2e/callback",
+            "/health/%2E./x",
+            "/health%2f..%2fcallback",
+            "/health\\..\\callback",
+            "/health/..",
+        ] {
+            assert!(has_dot_segments(path), "{path}");
+        }
+        assert!(!has_dot_segments("/health/live.json"));
+        assert!(!has_dot_segments("/health/...x"));
     }
 
     #[test]

@@ -1,0 +1,587 @@
+//! Fault injection (issue "Hardening"): backends that refuse, reset, hang, trickle or flood;
+//! Redis killed under load; lfguard itself killed with SIGKILL. In every case a callback that got
+//! a 2xx from lfguard reached the backend, a failed delivery frees its replay claim so Linksfield's
+//! retry gets through, and no replay is let through.
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------- raw fake backends
+
+/// What a fake backend does with the request numbered `index` (0-based, over all connections).
+/// Returns whether to keep serving the connection.
+type Behaviour = dyn Fn(usize, &mut TcpStream) -> bool + Send + Sync;
+
+/// A raw-TCP backend on 127.0.0.1:0 that records each request body and then misbehaves as told.
+struct FakeBackend {
+    addr: SocketAddr,
+    bodies: Arc<Mutex<Vec<Vec<u8>>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FakeBackend {
+    fn start(behaviour: impl Fn(usize, &mut TcpStream) -> bool + Send + Sync + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let bodies: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let behaviour: Arc<Behaviour> = Arc::new(behaviour);
+        let counter = Arc::new(AtomicUsize::new(0));
+        let thread = {
+            let bodies = bodies.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(mut stream) = stream else { continue };
+                    let (bodies, behaviour, counter) =
+                        (bodies.clone(), behaviour.clone(), counter.clone());
+                    std::thread::spawn(move || {
+                        let mut reader = BufReader::new(stream.try_clone().unwrap());
+                        while let Some(body) = read_request(&mut reader) {
+                            let index = counter.fetch_add(1, Ordering::SeqCst);
+                            bodies.lock().unwrap().push(body);
+                            if !behaviour(index, &mut stream) {
+                                break;
+                            }
+                        }
+                    });
+                }
+            })
+        };
+        FakeBackend {
+            addr,
+            bodies,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn bodies(&self) -> Vec<Vec<u8>> {
+        self.bodies.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Reads one request (lfguard always sends Content-Length) and returns its body; `None` at EOF.
+fn read_request(reader: &mut impl BufRead) -> Option<Vec<u8>> {
+    let mut length = 0;
+    let mut first = true;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if line == "\r\n" && !first {
+            break;
+        }
+        first = false;
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().ok()?;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    Some(body)
+}
+
+fn answer(stream: &mut TcpStream, body: &str) -> bool {
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).is_ok()
+}
+
+/// Closes the connection with a TCP RST (SO_LINGER 0) instead of a FIN.
+fn reset(stream: &mut TcpStream) {
+    socket2::SockRef::from(&*stream)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER");
+    // The RST goes out when the caller drops the stream (and its clones).
+}
+
+// ---------------------------------------------------------------- helpers
+
+/// Sends a request and reads one response; `None` when the connection ends without a complete
+/// one (a reset, a truncated body).
+fn try_send(addr: SocketAddr, bytes: &[u8]) -> Option<Response> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.write_all(bytes).ok()?;
+    read_response(&mut BufReader::new(stream))
+}
+
+fn forwarded(response: &Response) -> bool {
+    response.status == 200 && response.header("x-lfguard-duplicate").is_none()
+}
+
+fn duplicate(response: &Response) -> bool {
+    response.status == 200 && response.header("x-lfguard-duplicate") == Some("true")
+}
+
+fn start_against(upstream: &str, extra: &str) -> Lfguard {
+    let mut config = base_config(upstream);
+    merge(&mut config, extra);
+    Lfguard::start_with(config, &[])
+}
+
+fn redis_config(redis: &Redis) -> String {
+    format!(
+        "[replay]\nstore = \"redis\"\nredis_url = \"{}\"",
+        redis.url()
+    )
+}
+
+/// lfguard's peak resident set size (`VmHWM`) in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status")
+}
+
+// ---------------------------------------------------------------- backend faults
+
+#[test]
+fn a_refusing_backend_gets_502_and_the_retry_is_forwarded_once_it_is_up() {
+    let port = free_port();
+    let lfguard = start_against(
+        &format!("http://127.0.0.1:{port}"),
+        "[upstream]\nconnect_timeout = \"1s\"",
+    );
+    let callback = Callback::signed(sms_body());
+    let response = lfguard.post(&callback);
+    assert_eq!(
+        (response.status, response.code().as_str()),
+        (502, "upstream_unavailable")
+    );
+
+    let backend = Backend::start_on(format!("127.0.0.1:{port}").parse().unwrap());
+    let response = lfguard.post(&callback.with_new_delivery_id());
+    assert!(forwarded(&response), "{response:?}");
+    let received = backend.wait_for(1);
+    assert_eq!(received[0].body.as_ref(), callback.body.as_slice());
+    // Delivered now: the next retry stops at lfguard.
+    assert!(duplicate(&lfguard.post(&callback.with_new_delivery_id())));
+    assert_eq!(backend.count(), 1);
+}
+
+#[test]
+fn a_backend_reset_before_its_status_line_is_complete_gets_502_and_releases_the_claim() {
+    let fake = FakeBackend::start(|index, stream| {
+        if index == 0 {
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Le");
+            let _ = stream.flush();
+            reset(stream);
+            false
+        } else {
+            answer(stream, "ok")
+        }
+    });
+    let lfguard = start_against(&fake.url(), "");
+    let callback = Callback::signed(sms_body());
+    let response = lfguard.post(&callback);
+    assert_eq!(
+        (response.status, response.code().as_str()),
+        (502, "upstream_unavailable"),
+        "{}",
+        response.text()
+    );
+
+    // Linksfield's retry is forwarded, not answered as a duplicate.
+    let response = lfguard.post(&callback.with_new_delivery_id());
+    assert!(forwarded(&response), "{response:?}");
+    assert_eq!(response.text(), "ok");
+    assert_eq!(
+        fake.bodies(),
+        [callback.body.clone(), callback.body.clone()]
+    );
+    // That delivery settled the claim.
+    assert!(duplicate(&lfguard.post(&callback.with_new_delivery_id())));
+    assert_eq!(fake.bodies().len(), 2);
+}
+
+/// The backend sent a 2xx status and then reset in the middle of its body. The caller never gets a
+/// complete answer; the backend did accept the callback (SPEC §3: a backend 2xx marks it
+/// delivered), so Linksfield's retry is acknowledged as a duplicate rather than delivered twice.
+#[test]
+fn a_backend_reset_in_the_middle_of_a_2xx_body_is_cut_off_for_the_caller() {
+    let fake = FakeBackend::start(|index, stream| {
+        if index == 0 {
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial");
+            let _ = stream.flush();
+            std::thread::sleep(Duration::from_millis(50));
+            reset(stream);
+            false
+        } else {
+            answer(stream, "ok")
+        }
+    });
+    let lfguard = start_against(&fake.url(), "");
+    let callback = Callback::signed(sms_body());
+    let response = try_send(lfguard.addr, &callback.to_bytes());
+    assert!(
+        response.is_none(),
+        "the caller must not see a complete response: {response:?}"
+    );
+    lfguard.wait_for_log(|e| e["message"] == "request" && e["code"] == "forwarded");
+    let response = lfguard.post(&callback.with_new_delivery_id());
+    assert!(duplicate(&response), "{response:?}");
+    assert_eq!(fake.bodies().len(), 1);
+    // lfguard itself is fine.
+    assert!(forwarded(&lfguard.post(&Callback::signed(sms_body()))));
+}
+
+#[test]
+fn a_hanging_backend_gets_504_and_releases_the_claim() {
+    let fake = FakeBackend::start(|index, stream| {
+        if index == 0 {
+            // Never answer; hold the connection until lfguard gives up on it.
+            let mut sink = [0u8; 1024];
+            while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+            false
+        } else {
+            answer(stream, "ok")
+        }
+    });
+    let lfguard = start_against(&fake.url(), "[upstream]\ntimeout = \"500ms\"");
+    let callback = Callback::signed(sms_body());
+    let started = Instant::now();
+    let response = lfguard.post(&callback);
+    let elapsed = started.elapsed();
+    assert_eq!(
+        (response.status, response.code().as_str()),
+        (504, "upstream_timeout")
+    );
+    assert!(
+        elapsed >= Duration::from_millis(450) && elapsed < Duration::from_secs(3),
+        "{elapsed:?}"
+    );
+
+    let response = lfguard.post(&callback.with_new_delivery_id());
+    assert!(forwarded(&response), "claim not released: {response:?}");
+    assert_eq!(fake.bodies().len(), 2);
+    assert!(duplicate(&lfguard.post(&callback.with_new_delivery_id())));
+    assert_eq!(fake.bodies().len(), 2);
+}
+
+#[test]
+fn a_trickling_backend_within_the_timeout_is_relayed_completely_and_settled() {
+    let body: String = (0..40).map(|i| format!("line {i:02}\n")).collect();
+    let response_bytes = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Slow: yes\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes();
+    let pieces = response_bytes.len().div_ceil(16);
+    let fake = FakeBackend::start(move |_, stream| {
+        for piece in response_bytes.chunks(16) {
+            if stream.write_all(piece).is_err() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        true
+    });
+    let lfguard = start_against(&fake.url(), "[upstream]\ntimeout = \"3s\"");
+    let callback = Callback::signed(sms_body());
+    let started = Instant::now();
+    let response = lfguard.post(&callback);
+    let elapsed = started.elapsed();
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(response.header("x-slow"), Some("yes"));
+    assert_eq!(response.text(), body);
+    assert!(
+        elapsed >= Duration::from_millis(20 * pieces as u64),
+        "the backend did trickle: {elapsed:?}"
+    );
+    // Settled as delivered.
+    let response = lfguard.post(&callback.with_new_delivery_id());
+    assert!(duplicate(&response), "{response:?}");
+    assert_eq!(fake.bodies().len(), 1);
+}
+
+#[test]
+fn a_50_mib_response_is_streamed_through_with_bounded_memory() {
+    const SIZE: usize = 50 * 1024 * 1024;
+    const PIECE: usize = 64 * 1024;
+    let pattern: Vec<u8> = (0..SIZE + PIECE).map(|i| (i % 251) as u8).collect();
+    let pattern = Arc::new(pattern);
+    let fake = {
+        let pattern = pattern.clone();
+        FakeBackend::start(move |index, stream| {
+            if index == 0 {
+                return answer(stream, "warm-up");
+            }
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\n\r\n");
+            if stream.write_all(head.as_bytes()).is_err() {
+                return false;
+            }
+            let mut sent = 0;
+            while sent < SIZE {
+                let n = PIECE.min(SIZE - sent);
+                if stream.write_all(&pattern[sent..sent + n]).is_err() {
+                    return false;
+                }
+                sent += n;
+            }
+            true
+        })
+    };
+    let lfguard = start_against(&fake.url(), "");
+    assert!(forwarded(&lfguard.post(&Callback::signed(sms_body()))));
+    let before = peak_rss_kib(lfguard.pid());
+
+    let callback = Callback::signed(sms_body());
+    let mut stream = TcpStream::connect(lfguard.addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.write_all(&callback.to_bytes()).unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).unwrap();
+    assert!(status_line.starts_with("HTTP/1.1 200"), "{status_line}");
+    let mut content_length = None;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            content_length = value.trim().parse::<usize>().ok();
+        }
+    }
+    assert_eq!(content_length, Some(SIZE));
+    // Read more slowly than the backend writes, so that lfguard would have to hold the body if
+    // it did not apply backpressure.
+    let mut received = 0;
+    let mut buf = vec![0u8; PIECE];
+    while received < SIZE {
+        if received % (1024 * 1024) < PIECE {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let n = reader.read(&mut buf).unwrap();
+        assert!(n > 0, "body ended after {received} of {SIZE} bytes");
+        assert!(
+            buf[..n] == pattern[received..received + n],
+            "body differs at {received}"
+        );
+        received += n;
+    }
+    assert_eq!(received, SIZE);
+
+    let after = peak_rss_kib(lfguard.pid());
+    let grown_mib = after.saturating_sub(before) as f64 / 1024.0;
+    assert!(
+        grown_mib < 40.0,
+        "lfguard's peak RSS grew by {grown_mib:.1} MiB ({before} → {after} KiB) for a 50 MiB body"
+    );
+    // Settled as delivered.
+    lfguard.wait_for_logs(2, |e| e["message"] == "request" && e["code"] == "forwarded");
+    let response = lfguard.post(&callback.with_new_delivery_id());
+    assert!(duplicate(&response), "{response:?}");
+    assert_eq!(fake.bodies().len(), 2);
+}
+
+// ---------------------------------------------------------------- Redis and lfguard faults
+
+/// A callback and what lfguard answered (`None`: no complete answer).
+type Sent = (Callback, Option<Response>);
+
+#[test]
+fn redis_killed_and_restarted_under_load_loses_nothing_and_delivers_nothing_twice() {
+    let mut redis = Redis::start();
+    let backend = Backend::start();
+    let lfguard = Lfguard::start(&backend, &redis_config(&redis));
+    let addr = lfguard.addr;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let results: Arc<Mutex<Vec<Sent>>> = Arc::default();
+    let sender = {
+        let (stop, results) = (stop.clone(), results.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let callback = Callback::signed(sms_body());
+                let response = try_send(addr, &callback.to_bytes());
+                results.lock().unwrap().push((callback, response));
+            }
+        })
+    };
+    let unavailable = |e: &serde_json::Value| {
+        e["message"] == "request" && e["code"] == "replay_store_unavailable"
+    };
+    backend.wait_for(20);
+    redis.stop();
+    lfguard.wait_for_logs(30, unavailable);
+    redis.restart();
+    // Wait until deliveries flow again after the restart.
+    let delivered_before = backend.count();
+    backend.wait_for(delivered_before + 50);
+    stop.store(true, Ordering::SeqCst);
+    sender.join().unwrap();
+
+    let results = std::mem::take(&mut *results.lock().unwrap());
+    let mut to_retry = Vec::new();
+    for (callback, response) in &results {
+        let response = response.as_ref().expect("lfguard answered every request");
+        match response.status {
+            200 => assert!(forwarded(response), "{response:?}"),
+            503 => {
+                assert_eq!(response.code(), "replay_store_unavailable");
+                to_retry.push(callback.clone());
+            }
+            other => panic!("unexpected {other}: {}", response.text()),
+        }
+    }
+    assert!(!to_retry.is_empty(), "Redis was down for some callbacks");
+
+    // Linksfield retries the refused ones once Redis is back: each is delivered.
+    for callback in &to_retry {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let response = lfguard.post(&callback.with_new_delivery_id());
+            if response.status == 200 {
+                assert!(forwarded(&response), "{response:?}");
+                break;
+            }
+            assert_eq!(response.status, 503, "{}", response.text());
+            assert!(Instant::now() < deadline, "Redis never came back");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // And a replay of those (delivered with Redis up) is not forwarded again.
+    for callback in to_retry.iter().take(5) {
+        assert!(duplicate(&lfguard.post(&callback.with_new_delivery_id())));
+    }
+
+    let mut delivered: HashMap<Vec<u8>, usize> = HashMap::new();
+    for request in backend.requests() {
+        *delivered.entry(request.body.to_vec()).or_default() += 1;
+    }
+    for (callback, _) in &results {
+        assert_eq!(
+            delivered.get(&callback.body).copied().unwrap_or(0),
+            1,
+            "{} delivered a wrong number of times",
+            String::from_utf8_lossy(&callback.body)
+        );
+    }
+    assert_eq!(backend.count(), results.len(), "nothing else was delivered");
+}
+
+#[test]
+fn sigkill_and_restart_on_redis_keeps_delivered_and_in_flight_claims() {
+    let redis = Redis::start();
+    let backend = Backend::start();
+    // The first callback is answered at once; the second hangs at the backend while lfguard is
+    // killed.
+    backend.script([
+        Reply::default(),
+        Reply {
+            delay: Duration::from_secs(3),
+            ..Reply::default()
+        },
+    ]);
+    let config = format!("{}\n[upstream]\ntimeout = \"1s\"", redis_config(&redis));
+    let mut first = Lfguard::start(&backend, &config);
+
+    let delivered = Callback::signed(sms_body());
+    assert!(forwarded(&first.post(&delivered)));
+    let in_flight = Callback::signed(sms_body());
+    let pending = {
+        let (addr, bytes) = (first.addr, in_flight.to_bytes());
+        std::thread::spawn(move || try_send(addr, &bytes))
+    };
+    backend.wait_for(2);
+    let claimed_at = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &first.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(first.wait_exit(), None, "killed by a signal");
+    let answer = pending.join().unwrap();
+    assert!(answer.is_none(), "a killed lfguard answered: {answer:?}");
+
+    let second = Lfguard::start(&backend, &config);
+    // Delivered before the kill: still a duplicate.
+    assert!(duplicate(&second.post(&delivered.with_new_delivery_id())));
+    // In flight at the kill: its claim holds until upstream.timeout + 5 s have passed.
+    let response = second.post(&in_flight.with_new_delivery_id());
+    assert_eq!(
+        (response.status, response.code().as_str()),
+        (409, "in_flight"),
+        "{}",
+        response.text()
+    );
+    assert!(response.header("retry-after").is_some());
+    let deadline = claimed_at + Duration::from_secs(15);
+    let retried = loop {
+        let response = second.post(&in_flight.with_new_delivery_id());
+        if response.status == 200 {
+            break response;
+        }
+        assert_eq!(
+            (response.status, response.code().as_str()),
+            (409, "in_flight"),
+            "{}",
+            response.text()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the in-flight claim never expired"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(forwarded(&retried), "{retried:?}");
+    let waited = claimed_at.elapsed();
+    assert!(
+        waited >= Duration::from_secs(5),
+        "the claim expired after {waited:?}, before upstream.timeout + 5 s"
+    );
+
+    // Exactly: the delivered one once, the in-flight one at the kill and once after the expiry.
+    let bodies: Vec<_> = backend.requests().into_iter().map(|r| r.body).collect();
+    assert_eq!(bodies.len(), 3, "{bodies:?}");
+    assert_eq!(bodies[0].as_ref(), delivered.body.as_slice());
+    assert_eq!(bodies[1].as_ref(), in_flight.body.as_slice());
+    assert_eq!(bodies[2].as_ref(), in_flight.body.as_slice());
+    // No replay of either gets through any more.
+    assert!(duplicate(&second.post(&in_flight.with_new_delivery_id())));
+    assert!(duplicate(&second.post(&delivered.with_new_delivery_id())));
+    assert_eq!(backend.count(), 3);
+}
