@@ -165,26 +165,21 @@ impl Proxy {
         let method = request.method().clone();
         let path = request.uri().path().to_string();
         let mut log = RequestLog::default();
-        let (response, code) = match self.pipeline(request, peer, arrived, &mut log).await {
-            Ok((response, accepted)) => (response, accepted.code()),
-            Err(rejection) => {
-                let response = rejection.to_response();
-                tracing::info!(
-                    target: "lfguard::request",
-                    reason = %rejection.message(),
-                    code = rejection.code(),
-                    "rejected"
-                );
-                (response, rejection.code())
-            }
+        let (response, code, reason) = match self.pipeline(request, peer, arrived, &mut log).await {
+            Ok((response, accepted)) => (response, accepted.code(), None),
+            Err(rejection) => (
+                rejection.to_response(),
+                rejection.code(),
+                Some(rejection.message()),
+            ),
         };
         let elapsed = started.elapsed();
-        let partner = log
-            .partner
-            .as_deref()
-            .filter(|p| self.secrets.load().contains(p));
-        self.metrics
-            .observe_request(code, partner, elapsed, log.upstream_seconds);
+        self.metrics.observe_request(
+            code,
+            self.known_partner(&log),
+            elapsed,
+            log.upstream_seconds,
+        );
         tracing::info!(
             target: "lfguard::request",
             code,
@@ -195,6 +190,7 @@ impl Proxy {
             delivery_id = log.delivery_id.as_deref().unwrap_or(""),
             key_id = log.key_id.as_deref().unwrap_or(""),
             failure = log.failure.unwrap_or(""),
+            reason = reason.as_deref().unwrap_or(""),
             peer = %peer,
             latency_ms = elapsed.as_secs_f64() * 1000.0,
             "request"

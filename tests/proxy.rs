@@ -538,7 +538,15 @@ fn logs_are_json_with_one_event_per_request_and_no_secrets_or_message_text() {
     assert_eq!(event["status"], 200);
     assert!(event["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
     assert!(event["latency_ms"].as_f64().is_some());
-    lfguard.wait_for_log(|e| e["message"] == "request" && e["code"] == "bad_signature");
+    let refused =
+        lfguard.wait_for_log(|e| e["message"] == "request" && e["code"] == "bad_signature");
+    assert_eq!(refused["reason"], "signature does not match");
+    let per_request = lfguard
+        .events()
+        .iter()
+        .filter(|e| e["target"] == "lfguard::request")
+        .count();
+    assert_eq!(per_request, 2, "exactly one event per request");
     for event in lfguard.events() {
         let line = event.to_string();
         assert!(!line.contains(SECRET), "secret in log: {line}");
