@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use lfguard::replay::memory::MemoryStore;
-use lfguard::replay::{Claim, Store};
+use lfguard::replay::{Claim, Key, Store};
 use lfguard::signature::{self, Body, Encoding, NullValues};
 
 const SECRET: &str = "xGl64jNW4B223SSDAsddgh=n";
@@ -64,7 +64,10 @@ fn bench_replay(c: &mut Criterion) {
     c.bench_function("memory_claim_settle", |b| {
         b.iter(|| {
             n += 1;
-            let key = format!("P002671:{n:032x}");
+            let key = Key {
+                partner: "P002671".into(),
+                digest: n.to_le_bytes().repeat(2).try_into().unwrap(),
+            };
             runtime.block_on(async {
                 let Claim::Claimed(token) = store.claim(&key, window).await.unwrap() else {
                     panic!("fresh key");

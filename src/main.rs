@@ -60,10 +60,16 @@ fn report(result: Result<bool, String>) -> ExitCode {
     }
 }
 
+/// One worker thread runs on tokio's current-thread scheduler, which skips the work-stealing
+/// machinery that a single worker cannot use; otherwise the multi-thread scheduler.
 fn runtime(worker_threads: usize) -> tokio::runtime::Runtime {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    let mut builder = if worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     builder.enable_all();
-    if worker_threads > 0 {
+    if worker_threads > 1 {
         builder.worker_threads(worker_threads);
     }
     builder.build().expect("the tokio runtime starts")

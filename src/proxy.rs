@@ -23,7 +23,7 @@ use crate::diagnose;
 use crate::error::Rejection;
 use crate::freshness::{self, Staleness};
 use crate::metrics::Metrics;
-use crate::replay::{AnyStore, Claim, ClaimGuard, Store};
+use crate::replay::{self, AnyStore, Claim, ClaimGuard, Store};
 use crate::secrets::{SecretStore, is_partner_code};
 use crate::signature::{self, Body, Value};
 
@@ -96,6 +96,72 @@ pub struct RequestLog {
     pub upstream_seconds: Option<f64>,
 }
 
+/// Emits a request's log event and metrics exactly once: when the pipeline finishes, or when
+/// hyper drops the request because the client went away before the answer (code
+/// `client_closed`, status 499), which can happen after the backend already received it.
+struct Record<'p> {
+    proxy: &'p Proxy,
+    started: Instant,
+    method: Method,
+    path: String,
+    peer: SocketAddr,
+    log: RequestLog,
+    emitted: bool,
+}
+
+impl<'p> Record<'p> {
+    fn new(proxy: &'p Proxy, request: &Request<Incoming>, peer: SocketAddr) -> Self {
+        Record {
+            proxy,
+            started: Instant::now(),
+            method: request.method().clone(),
+            path: request.uri().path().to_string(),
+            peer,
+            log: RequestLog::default(),
+            emitted: false,
+        }
+    }
+
+    fn emit(&mut self, code: &'static str, status: u16, reason: Option<&str>) {
+        self.emitted = true;
+        let elapsed = self.started.elapsed();
+        let log = &self.log;
+        self.proxy.metrics.observe_request(
+            code,
+            self.proxy.known_partner(log),
+            elapsed,
+            log.upstream_seconds,
+        );
+        tracing::info!(
+            target: "lfguard::request",
+            code,
+            status,
+            method = %self.method,
+            path = %self.path,
+            partner = log.partner.as_deref().unwrap_or(""),
+            delivery_id = log.delivery_id.as_deref().unwrap_or(""),
+            key_id = log.key_id.as_deref().unwrap_or(""),
+            failure = log.failure.unwrap_or(""),
+            reason = reason.unwrap_or(""),
+            peer = %self.peer,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
+    }
+}
+
+impl Drop for Record<'_> {
+    fn drop(&mut self) {
+        if !self.emitted {
+            self.emit(
+                "client_closed",
+                499,
+                Some("the client closed the connection before the answer"),
+            );
+        }
+    }
+}
+
 /// The outcome code for a request lfguard did not refuse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accepted {
@@ -153,48 +219,25 @@ impl Proxy {
         }
     }
 
-    /// The service: runs the pipeline, answers refusals, and emits the one log event and the
-    /// metrics of the request.
+    /// The service: runs the pipeline and answers refusals; `Record` emits the request's one log
+    /// event and its metrics.
     pub async fn handle(
         self: Arc<Self>,
         request: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
-        let started = Instant::now();
         let arrived = SystemTime::now();
-        let method = request.method().clone();
-        let path = request.uri().path().to_string();
-        let mut log = RequestLog::default();
-        let (response, code, reason) = match self.pipeline(request, peer, arrived, &mut log).await {
-            Ok((response, accepted)) => (response, accepted.code(), None),
-            Err(rejection) => (
-                rejection.to_response(),
-                rejection.code(),
-                Some(rejection.message()),
-            ),
-        };
-        let elapsed = started.elapsed();
-        self.metrics.observe_request(
-            code,
-            self.known_partner(&log),
-            elapsed,
-            log.upstream_seconds,
-        );
-        tracing::info!(
-            target: "lfguard::request",
-            code,
-            status = response.status().as_u16(),
-            method = %method,
-            path = %path,
-            partner = log.partner.as_deref().unwrap_or(""),
-            delivery_id = log.delivery_id.as_deref().unwrap_or(""),
-            key_id = log.key_id.as_deref().unwrap_or(""),
-            failure = log.failure.unwrap_or(""),
-            reason = reason.as_deref().unwrap_or(""),
-            peer = %peer,
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-            "request"
-        );
+        let mut record = Record::new(&self, &request, peer);
+        let (response, code, reason) =
+            match self.pipeline(request, peer, arrived, &mut record.log).await {
+                Ok((response, accepted)) => (response, accepted.code(), None),
+                Err(rejection) => (
+                    rejection.to_response(),
+                    rejection.code(),
+                    Some(rejection.message()),
+                ),
+            };
+        record.emit(code, response.status().as_u16(), reason.as_deref());
         Ok(response)
     }
 
@@ -240,7 +283,7 @@ impl Proxy {
 
         // Replay claim: the first copy owns the key until the backend has answered. A copy of a
         // delivered callback is acknowledged without forwarding, unless policy says otherwise.
-        let guard = match self.claim(&replay_key).await {
+        let guard = match self.claim(replay_key).await {
             Ok(guard) => guard,
             Err(Rejection::Replay)
                 if self.config.replay.on_duplicate == OnDuplicate::Acknowledge
@@ -273,7 +316,7 @@ impl Proxy {
         Ok((result?, Accepted::Forwarded))
     }
 
-    /// The checks that report mode may waive. Returns the replay key: partner + digest.
+    /// The checks that report mode may waive. Returns the replay key.
     fn check(
         &self,
         headers: &HeaderMap,
@@ -282,14 +325,17 @@ impl Proxy {
         secrets: &SecretStore,
         arrived: SystemTime,
         log: &mut RequestLog,
-    ) -> Result<String, Rejection> {
+    ) -> Result<replay::Key, Rejection> {
         let signature = signature_header(headers)?;
         log.delivery_id = delivery_id(headers, self.config.verify.require_delivery_id)?;
         let partner = partner?;
         let (key_id, digest) = self.verify_signature(body, partner, signature, secrets)?;
         log.key_id = Some(key_id);
         self.check_freshness(body, arrived)?;
-        Ok(format!("{partner}:{}", signature::hex_string(&digest)))
+        Ok(replay::Key {
+            partner: partner.to_string(),
+            digest,
+        })
     }
 
     /// Refuses, or in report mode forwards the request marked with the failed check. Replay
@@ -433,19 +479,15 @@ impl Proxy {
 
     /// `Err(Replay)` for a copy of a delivered callback, `Err(InFlight)` while another copy is
     /// being forwarded.
-    async fn claim(&self, replay_key: &str) -> Result<ClaimGuard, Rejection> {
+    async fn claim(&self, replay_key: replay::Key) -> Result<ClaimGuard, Rejection> {
         let in_flight = self.config.upstream.timeout + CLAIM_MARGIN;
         let claim = self
             .replay
-            .claim(replay_key, in_flight)
+            .claim(&replay_key, in_flight)
             .await
             .map_err(|err| Rejection::ReplayStoreUnavailable(err.0))?;
         match claim {
-            Claim::Claimed(token) => Ok(ClaimGuard::new(
-                self.replay.clone(),
-                replay_key.to_string(),
-                token,
-            )),
+            Claim::Claimed(token) => Ok(ClaimGuard::new(self.replay.clone(), replay_key, token)),
             Claim::Delivered => Err(Rejection::Replay),
             Claim::InFlight => Err(Rejection::InFlight {
                 retry_after_secs: in_flight.as_secs().max(1),

@@ -382,6 +382,13 @@ fn a_client_that_goes_away_releases_its_claim(store: Store) {
     backend.wait_for(1);
     drop(client);
     lfguard.wait_for_log(|e| e["message"] == "abandoned replay claim released");
+    let closed =
+        lfguard.wait_for_log(|e| e["message"] == "request" && e["code"] == "client_closed");
+    assert_eq!(closed["status"], 499);
+    assert_eq!(
+        closed["delivery_id"],
+        callback.header("x-lf-delivery").unwrap()
+    );
     // The abandoned claim was released, so Linksfield's retry is forwarded.
     let response = lfguard.post(&callback.with_new_delivery_id());
     assert_eq!(

@@ -1,5 +1,7 @@
 //! The embedded replay store: a bounded moka cache with a per-entry lifetime. Suits one replica;
-//! several replicas need the shared Redis store.
+//! several replicas need the shared Redis store. Entries are keyed by the digest alone (16 bytes,
+//! no allocation): the signed string includes `partner_code`, so the digest already tells
+//! partners apart.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,7 +12,9 @@ use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
 use moka::sync::Cache;
 
-use super::{Claim, Store, StoreError, Token};
+use super::{Claim, Key, Store, StoreError, Token};
+
+type Digest = [u8; 16];
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -28,14 +32,14 @@ enum State {
 /// keys for the replay window.
 struct EntryLifetime;
 
-impl Expiry<String, Entry> for EntryLifetime {
-    fn expire_after_create(&self, _key: &String, entry: &Entry, _at: Instant) -> Option<Duration> {
+impl Expiry<Digest, Entry> for EntryLifetime {
+    fn expire_after_create(&self, _key: &Digest, entry: &Entry, _at: Instant) -> Option<Duration> {
         Some(entry.ttl)
     }
 
     fn expire_after_update(
         &self,
-        _key: &String,
+        _key: &Digest,
         entry: &Entry,
         _at: Instant,
         _left: Option<Duration>,
@@ -45,7 +49,7 @@ impl Expiry<String, Entry> for EntryLifetime {
 }
 
 pub struct MemoryStore {
-    cache: Cache<String, Entry>,
+    cache: Cache<Digest, Entry>,
     evictions: Arc<AtomicU64>,
 }
 
@@ -75,12 +79,12 @@ impl MemoryStore {
     }
 
     /// Replaces the entry only while `token` owns it.
-    fn if_owner(&self, key: &str, token: &Token, replacement: Op<Entry>) {
+    fn if_owner(&self, key: &Key, token: &Token, replacement: Op<Entry>) {
         let mut replacement = Some(replacement);
         self.cache
-            .entry_by_ref(key)
+            .entry(key.digest)
             .and_compute_with(|existing| match existing {
-                Some(entry) if entry.value().state == State::InFlight(token.clone()) => {
+                Some(entry) if entry.value().state == State::InFlight(*token) => {
                     replacement.take().expect("called once")
                 }
                 _ => Op::Nop,
@@ -89,11 +93,11 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
-    async fn claim(&self, key: &str, in_flight: Duration) -> Result<Claim, StoreError> {
+    async fn claim(&self, key: &Key, in_flight: Duration) -> Result<Claim, StoreError> {
         let token = Token::new();
-        let mut outcome = Claim::Claimed(token.clone());
+        let mut outcome = Claim::Claimed(token);
         self.cache
-            .entry_by_ref(key)
+            .entry(key.digest)
             .and_compute_with(|existing| match existing {
                 None => Op::Put(Entry {
                     state: State::InFlight(token),
@@ -110,7 +114,7 @@ impl Store for MemoryStore {
         Ok(outcome)
     }
 
-    async fn settle(&self, key: &str, token: &Token, window: Duration) -> Result<(), StoreError> {
+    async fn settle(&self, key: &Key, token: &Token, window: Duration) -> Result<(), StoreError> {
         self.if_owner(
             key,
             token,
@@ -122,7 +126,7 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn release(&self, key: &str, token: &Token) -> Result<(), StoreError> {
+    async fn release(&self, key: &Key, token: &Token) -> Result<(), StoreError> {
         self.if_owner(key, token, Op::Remove);
         Ok(())
     }
@@ -138,28 +142,39 @@ mod tests {
 
     const LONG: Duration = Duration::from_secs(60);
 
+    fn key(name: &str) -> Key {
+        let digest = crate::signature::Prepared::new(name).digest("");
+        Key {
+            partner: "P1".into(),
+            digest,
+        }
+    }
+
     #[tokio::test]
     async fn claim_settle_release_lifecycle() {
         let store = MemoryStore::new(100);
-        let Claim::Claimed(first) = store.claim("k", LONG).await.unwrap() else {
+        let Claim::Claimed(first) = store.claim(&key("k"), LONG).await.unwrap() else {
             panic!("first claim wins");
         };
-        assert_eq!(store.claim("k", LONG).await.unwrap(), Claim::InFlight);
-        store.release("k", &first).await.unwrap();
-        let Claim::Claimed(second) = store.claim("k", LONG).await.unwrap() else {
+        assert_eq!(store.claim(&key("k"), LONG).await.unwrap(), Claim::InFlight);
+        store.release(&key("k"), &first).await.unwrap();
+        let Claim::Claimed(second) = store.claim(&key("k"), LONG).await.unwrap() else {
             panic!("released key can be claimed again");
         };
-        store.settle("k", &first, LONG).await.unwrap();
+        store.settle(&key("k"), &first, LONG).await.unwrap();
         assert_eq!(
-            store.claim("k", LONG).await.unwrap(),
+            store.claim(&key("k"), LONG).await.unwrap(),
             Claim::InFlight,
             "a stale token changes nothing"
         );
-        store.settle("k", &second, LONG).await.unwrap();
-        assert_eq!(store.claim("k", LONG).await.unwrap(), Claim::Delivered);
-        store.release("k", &second).await.unwrap();
+        store.settle(&key("k"), &second, LONG).await.unwrap();
         assert_eq!(
-            store.claim("k", LONG).await.unwrap(),
+            store.claim(&key("k"), LONG).await.unwrap(),
+            Claim::Delivered
+        );
+        store.release(&key("k"), &second).await.unwrap();
+        assert_eq!(
+            store.claim(&key("k"), LONG).await.unwrap(),
             Claim::Delivered,
             "release never forgets a delivery"
         );
@@ -169,12 +184,15 @@ mod tests {
     async fn in_flight_claims_expire() {
         let store = MemoryStore::new(100);
         assert!(matches!(
-            store.claim("k", Duration::from_millis(20)).await.unwrap(),
+            store
+                .claim(&key("k"), Duration::from_millis(20))
+                .await
+                .unwrap(),
             Claim::Claimed(_)
         ));
         tokio::time::sleep(Duration::from_millis(60)).await;
         assert!(matches!(
-            store.claim("k", LONG).await.unwrap(),
+            store.claim(&key("k"), LONG).await.unwrap(),
             Claim::Claimed(_)
         ));
     }
@@ -183,7 +201,7 @@ mod tests {
     async fn capacity_bounds_entries_and_counts_evictions() {
         let store = MemoryStore::new(50);
         for i in 0..500 {
-            let key = format!("k{i}");
+            let key = key(&format!("k{i}"));
             if let Claim::Claimed(token) = store.claim(&key, LONG).await.unwrap() {
                 store.settle(&key, &token, LONG).await.unwrap();
             }

@@ -24,10 +24,29 @@ pub enum Claim {
     InFlight,
 }
 
+/// One callback: its partner and the md5 digest of its signed string (which covers every body
+/// member, `partner_code` included).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub partner: String,
+    pub digest: [u8; 16],
+}
+
+impl Key {
+    /// A readable name for shared stores: `PREFIX` `partner` `:` hex digest.
+    pub fn name(&self, prefix: &str) -> String {
+        format!(
+            "{prefix}{}:{}",
+            self.partner,
+            crate::signature::hex_string(&self.digest)
+        )
+    }
+}
+
 /// Proves ownership of an in-flight claim, so a slow request whose claim expired cannot settle or
 /// release a claim that a later copy now holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Token(String);
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Token(u128);
 
 impl Token {
     /// Unique across processes (a random prefix drawn once) and within one (a counter), without
@@ -41,11 +60,13 @@ impl Token {
             u64::from_le_bytes(bytes)
         });
         let sequence = COUNTER.fetch_add(1, Ordering::Relaxed);
-        Token(format!("{process:016x}{sequence:016x}"))
+        Token((u128::from(*process) << 64) | u128::from(sequence))
     }
+}
 
-    pub fn as_str(&self) -> &str {
-        &self.0
+impl std::fmt::Display for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
     }
 }
 
@@ -70,14 +91,14 @@ pub trait Store: Send + Sync {
     /// Claims `key` for `in_flight` unless it is delivered or already claimed.
     fn claim(
         &self,
-        key: &str,
+        key: &Key,
         in_flight: Duration,
     ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
 
     /// Marks a claimed key delivered for `window`, if `token` still owns it.
     fn settle(
         &self,
-        key: &str,
+        key: &Key,
         token: &Token,
         window: Duration,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -85,7 +106,7 @@ pub trait Store: Send + Sync {
     /// Frees a claimed key, if `token` still owns it, so the next copy is forwarded.
     fn release(
         &self,
-        key: &str,
+        key: &Key,
         token: &Token,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
@@ -135,21 +156,21 @@ impl AnyStore {
 }
 
 impl Store for AnyStore {
-    async fn claim(&self, key: &str, in_flight: Duration) -> Result<Claim, StoreError> {
+    async fn claim(&self, key: &Key, in_flight: Duration) -> Result<Claim, StoreError> {
         match self {
             AnyStore::Memory(store) => store.claim(key, in_flight).await,
             AnyStore::Redis(store) => store.claim(key, in_flight).await,
         }
     }
 
-    async fn settle(&self, key: &str, token: &Token, window: Duration) -> Result<(), StoreError> {
+    async fn settle(&self, key: &Key, token: &Token, window: Duration) -> Result<(), StoreError> {
         match self {
             AnyStore::Memory(store) => store.settle(key, token, window).await,
             AnyStore::Redis(store) => store.settle(key, token, window).await,
         }
     }
 
-    async fn release(&self, key: &str, token: &Token) -> Result<(), StoreError> {
+    async fn release(&self, key: &Key, token: &Token) -> Result<(), StoreError> {
         match self {
             AnyStore::Memory(store) => store.release(key, token).await,
             AnyStore::Redis(store) => store.release(key, token).await,
@@ -168,12 +189,12 @@ impl Store for AnyStore {
 /// releases the key in the background, so Linksfield's retry is forwarded again.
 pub struct ClaimGuard {
     store: Arc<AnyStore>,
-    key: String,
+    key: Key,
     token: Option<Token>,
 }
 
 impl ClaimGuard {
-    pub fn new(store: Arc<AnyStore>, key: String, token: Token) -> Self {
+    pub fn new(store: Arc<AnyStore>, key: Key, token: Token) -> Self {
         ClaimGuard {
             store,
             key,
@@ -198,7 +219,7 @@ impl Drop for ClaimGuard {
     fn drop(&mut self) {
         if let Some(token) = self.token.take() {
             let store = self.store.clone();
-            let key = std::mem::take(&mut self.key);
+            let key = self.key.clone();
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
                     match store.release(&key, &token).await {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
-use super::{Claim, Store, StoreError, Token};
+use super::{Claim, Key, Store, StoreError, Token};
 
 const DELIVERED: &str = "delivered";
 const IN_FLIGHT_PREFIX: &str = "inflight:";
@@ -57,8 +57,8 @@ impl RedisStore {
         })
     }
 
-    fn key(&self, key: &str) -> String {
-        format!("{}{key}", self.prefix)
+    fn name(&self, key: &Key) -> String {
+        key.name(&self.prefix)
     }
 }
 
@@ -73,10 +73,10 @@ fn millis(duration: Duration) -> u64 {
 }
 
 impl Store for RedisStore {
-    async fn claim(&self, key: &str, in_flight: Duration) -> Result<Claim, StoreError> {
-        let key = self.key(key);
+    async fn claim(&self, key: &Key, in_flight: Duration) -> Result<Claim, StoreError> {
+        let key = self.name(key);
         let token = Token::new();
-        let owned = format!("{IN_FLIGHT_PREFIX}{}", token.as_str());
+        let owned = format!("{IN_FLIGHT_PREFIX}{token}");
         let mut connection = self.connection.clone();
         // A key can expire between a failed SET and the GET; then claiming again is correct.
         for _ in 0..3 {
@@ -109,12 +109,12 @@ impl Store for RedisStore {
         )))
     }
 
-    async fn settle(&self, key: &str, token: &Token, window: Duration) -> Result<(), StoreError> {
+    async fn settle(&self, key: &Key, token: &Token, window: Duration) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
         let _: i64 = self
             .settle_script
-            .key(self.key(key))
-            .arg(format!("{IN_FLIGHT_PREFIX}{}", token.as_str()))
+            .key(self.name(key))
+            .arg(format!("{IN_FLIGHT_PREFIX}{token}"))
             .arg(DELIVERED)
             .arg(millis(window))
             .invoke_async(&mut connection)
@@ -123,12 +123,12 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    async fn release(&self, key: &str, token: &Token) -> Result<(), StoreError> {
+    async fn release(&self, key: &Key, token: &Token) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
         let _: i64 = self
             .release_script
-            .key(self.key(key))
-            .arg(format!("{IN_FLIGHT_PREFIX}{}", token.as_str()))
+            .key(self.name(key))
+            .arg(format!("{IN_FLIGHT_PREFIX}{token}"))
             .invoke_async(&mut connection)
             .await
             .map_err(unavailable)?;
