@@ -1,0 +1,418 @@
+#!/usr/bin/env bash
+# Throughput and latency of lfguard against a plain nginx reverse proxy and against the backend
+# alone, on loopback only.
+#
+#   bench/compare.sh                       # 3 rounds x 10 s x 3 targets, 64 connections
+#   DURATION=5s ROUNDS=1 bench/compare.sh  # quicker
+#
+# Environment: DURATION (per target and round, default 10s), ROUNDS (3), CONNECTIONS (64),
+# WRK_THREADS (2), WARMUP (2s per target before the rounds), POOL (pre-signed requests per round,
+# default max(200000, 60000 x DURATION seconds)), SEND_COUNT (20000), SEND_CONCURRENCY (64),
+# STARTS (start-to-ready samples, 5), KEEP_TMP=1 keeps the temporary directory.
+#
+# What runs: (a) nginx answering `return 200 '{}'` (the backend), (b) nginx as a plain
+# proxy_pass reverse proxy in front of it, (c) lfguard in front of the same backend with
+# verification and replay protection on. Both proxies get one worker (nginx worker_processes 1,
+# lfguard server.worker_threads = 1). Every round runs direct -> nginx -> lfguard with wrk and the
+# same pre-signed, distinct requests (the backend and nginx ignore the signature headers). A body
+# is never sent twice to lfguard: each round has its own pool, each wrk thread its own share of it,
+# and lfguard's /metrics must show zero duplicates, otherwise the round is flagged.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/.." && pwd)
+
+secs() { # 10 | 10s | 2m -> seconds
+    case $1 in
+    *m) echo $((${1%m} * 60)) ;;
+    *s) echo "${1%s}" ;;
+    *) echo "$1" ;;
+    esac
+}
+DURATION=${DURATION:-10s}
+ROUNDS=${ROUNDS:-3}
+CONNECTIONS=${CONNECTIONS:-64}
+WRK_THREADS=${WRK_THREADS:-2}
+WARMUP=${WARMUP:-2s}
+SEND_COUNT=${SEND_COUNT:-20000}
+SEND_CONCURRENCY=${SEND_CONCURRENCY:-64}
+STARTS=${STARTS:-5}
+DUR_S=$(secs "$DURATION")
+WARM_S=$(secs "$WARMUP")
+POOL=${POOL:-$((DUR_S * 60000 > 200000 ? DUR_S * 60000 : 200000))}
+SECRET=bench-secret
+PARTNER=P123456
+unset RUST_LOG
+
+log() { printf '[compare] %s\n' "$*" >&2; }
+
+# --- tools -------------------------------------------------------------------------------------
+need=()
+command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need+=(nginx-light)
+command -v wrk >/dev/null || need+=(wrk)
+command -v python3 >/dev/null || need+=(python3)
+if ((${#need[@]})); then
+    log "installing ${need[*]} with apt-get"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    # The Debian package may start a system nginx on :80; this script does not use it.
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+log "building lfguard (release)"
+(cd "$root" && cargo build --release --quiet)
+LFGUARD=$root/target/release/lfguard
+
+# --- processes and cleanup ------------------------------------------------------------------------
+tmp=$(mktemp -d /tmp/lfguard-compare.XXXXXX)
+pids=()
+cleanup() {
+    local pid
+    for pid in "${pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ ${KEEP_TMP:-0} == 1 ]]; then log "kept $tmp"; else rm -rf "$tmp"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+read -r BACKEND_PORT NGINX_PORT LF_PORT ADMIN_PORT < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(4)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in socks])')
+
+wait_port() { # port, what
+    for _ in $(seq 1 200); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.05
+    done
+    log "$2 did not open port $1"
+    exit 1
+}
+
+http_get() { # url -> body on stdout, fails unless 200
+    python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' "$1"
+}
+
+nginx_conf() { # name, body of the http block
+    mkdir -p "$tmp/$1"
+    cat >"$tmp/$1/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $tmp/$1/nginx.pid;
+error_log $tmp/$1/error.log warn;
+worker_rlimit_nofile 16384;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path $tmp/$1/body;
+    proxy_temp_path $tmp/$1/proxy;
+    fastcgi_temp_path $tmp/$1/fastcgi;
+    uwsgi_temp_path $tmp/$1/uwsgi;
+    scgi_temp_path $tmp/$1/scgi;
+    keepalive_requests 10000000;
+    keepalive_timeout 75s;
+$2
+}
+EOF
+}
+
+nginx_conf backend "    server {
+        listen 127.0.0.1:$BACKEND_PORT backlog=4096;
+        location / {
+            default_type application/json;
+            return 200 '{}';
+        }
+    }"
+nginx_conf proxy "    upstream backend {
+        server 127.0.0.1:$BACKEND_PORT;
+        keepalive 64;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT backlog=4096;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }
+    }"
+
+cat >"$tmp/lfguard.toml" <<EOF
+# lfguard for the comparison: one worker thread, verification and replay protection on.
+[server]
+listen = "127.0.0.1:$LF_PORT"
+admin_listen = "127.0.0.1:$ADMIN_PORT"
+worker_threads = 1
+max_connections = 4096
+
+[upstream]
+url = "http://127.0.0.1:$BACKEND_PORT"
+
+[replay]
+store = "memory"
+capacity = 5000000
+
+[log]
+# Request events are info: left out so that logging does not dominate; lifecycle events kept.
+level = "warn,lfguard::server=info"
+
+[partners.$PARTNER]
+secrets = ["$SECRET"]
+EOF
+
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+"$NGINX" -e "$tmp/backend/error.log" -p "$tmp/backend" -c "$tmp/backend/nginx.conf" &
+pids+=($!)
+wait_port "$BACKEND_PORT" "nginx backend"
+"$NGINX" -e "$tmp/proxy/error.log" -p "$tmp/proxy" -c "$tmp/proxy/nginx.conf" &
+pids+=($!)
+wait_port "$NGINX_PORT" "nginx proxy"
+
+# --- lfguard start-to-ready ---------------------------------------------------------------------
+log "measuring lfguard start-to-ready ($STARTS starts)"
+python3 - "$LFGUARD" "$tmp/lfguard.toml" "$ADMIN_PORT" "$STARTS" >"$tmp/startup.txt" <<'EOF'
+import signal, subprocess, sys, time, urllib.request
+binary, config, admin, starts = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+ready_ms, readyz_ms = [], []
+for _ in range(starts):
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([binary, "serve", "--config", config], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if '"message":"ready"' in line:
+            ready_ms.append((time.perf_counter() - t0) * 1000)
+            break
+    else:
+        sys.exit("lfguard exited before it was ready")
+    while True:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1).status == 200:
+                readyz_ms.append((time.perf_counter() - t0) * 1000)
+                break
+        except Exception:
+            time.sleep(0.001)
+    proc.send_signal(signal.SIGTERM)
+    proc.stdout.read()
+    proc.wait(timeout=30)
+ready_ms.sort(); readyz_ms.sort()
+print(f"{ready_ms[len(ready_ms)//2]:.1f} {readyz_ms[len(readyz_ms)//2]:.1f} {ready_ms[0]:.1f} {ready_ms[-1]:.1f}")
+EOF
+read -r READY_MS READYZ_MS READY_MIN READY_MAX <"$tmp/startup.txt"
+log "start-to-ready: ready log line ${READY_MS} ms (median; min $READY_MIN, max $READY_MAX), /readyz 200 ${READYZ_MS} ms"
+
+"$LFGUARD" serve --config "$tmp/lfguard.toml" >"$tmp/lfguard.log" 2>&1 &
+LF_PID=$!
+pids+=("$LF_PID")
+for _ in $(seq 1 200); do
+    grep -q '"message":"ready"' "$tmp/lfguard.log" && break
+    kill -0 "$LF_PID" 2>/dev/null || { cat "$tmp/lfguard.log" >&2; exit 1; }
+    sleep 0.05
+done
+http_get "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null
+sleep 1
+IDLE_RSS_KB=$(awk '/^VmRSS:/ {print $2}' "/proc/$LF_PID/status")
+log "lfguard ready (pid $LF_PID), idle RSS $((IDLE_RSS_KB / 1024)) MiB"
+
+# --- request pools and the wrk script -------------------------------------------------------------
+gen_pool() { # file, lines, tag
+    python3 "$here/gen_requests.py" --count "$2" --secret "$SECRET" --partner "$PARTNER" \
+        --tag "$3" --out "$1" ${4:+--check-with "$LFGUARD"} 2>&1 | sed 's/^/[compare] /' >&2
+}
+
+wrk_script() { # pool file, tag -> script path
+    local script="$tmp/$2.lua"
+    cat >"$script" <<EOF
+-- Cycles through pre-signed requests; each wrk thread takes every ${WRK_THREADS}th line of the pool.
+local pool_file, tag, nthreads = "$1", "$2", $WRK_THREADS
+local threads, created = {}, 0
+function setup(thread)
+    thread:set("tid", created)
+    created = created + 1
+    table.insert(threads, thread)
+end
+sigs, bodies, n, i, wraps, sent = {}, {}, 0, 0, 0, 0
+function init(args)
+    local line_no = 0
+    for line in io.lines(pool_file) do
+        if line_no % nthreads == tid then
+            local sig, body = line:match("^%a\t([^\t]+)\t(.*)$")
+            n = n + 1
+            sigs[n], bodies[n] = sig, body
+        end
+        line_no = line_no + 1
+    end
+    assert(n > 0, "empty request pool")
+end
+function request()
+    i = i + 1
+    if i > n then i, wraps = 1, wraps + 1 end
+    sent = sent + 1
+    return wrk.format("POST", "/callback", {
+        ["Content-Type"] = "application/json",
+        ["x-lf-md5"] = sigs[i],
+        ["x-lf-delivery"] = tag .. "-" .. tid .. "-" .. sent,
+    }, bodies[i])
+end
+function done(summary, latency, requests)
+    local w, s, lines = 0, 0, 0
+    for _, t in ipairs(threads) do
+        w, s, lines = w + t:get("wraps"), s + t:get("sent"), lines + t:get("n")
+    end
+    io.write(string.format("pool: %d lines, %d requests built, pool wrapped %d times\n", lines, s, w))
+end
+EOF
+    echo "$script"
+}
+
+metric() { # metrics text file, code -> value
+    awk -v code="$2" '$1 ~ "^lfguard_requests_total\\{" && index($1, "code=\"" code "\"") {s += $2} END {print s + 0}' "$1"
+}
+metric_other() { # everything but forwarded
+    awk '$1 ~ /^lfguard_requests_total\{/ && !index($1, "code=\"forwarded\"") {s += $2} END {print s + 0}' "$1"
+}
+
+# Parses wrk output into: req/s p99_ms non2xx socket_errors wraps
+parse_wrk() {
+    python3 - "$1" <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read()
+def ms(value, unit):
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.M)
+non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+wraps = re.search(r"pool wrapped (\d+) times", text)
+print(f"{rps:.1f} {ms(*p99.groups()):.3f} {int(non2xx.group(1)) if non2xx else 0} "
+      f"{sum(map(int, errors.groups())) if errors else 0} {int(wraps.group(1)) if wraps else 0}")
+EOF
+}
+
+declare -A URL=(
+    [direct]="http://127.0.0.1:$BACKEND_PORT"
+    [nginx]="http://127.0.0.1:$NGINX_PORT"
+    [lfguard]="http://127.0.0.1:$LF_PORT"
+)
+TARGETS=(direct nginx lfguard)
+results=$tmp/results.tsv
+: >"$results"
+problems=()
+
+run_wrk() { # target, seconds, script, output
+    wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$2s" --latency -s "$3" "${URL[$1]}" >"$4" 2>&1
+}
+
+log "warm-up: ${WARM_S}s per target"
+gen_pool "$tmp/warm.pool" "$((WARM_S * 60000 > 50000 ? WARM_S * 60000 : 50000))" "warm-$$" check
+warm_script=$(wrk_script "$tmp/warm.pool" "warm-$$")
+for target in "${TARGETS[@]}"; do
+    run_wrk "$target" "$WARM_S" "$warm_script" "$tmp/warm-$target.txt"
+done
+
+for round in $(seq 1 "$ROUNDS"); do
+    tag="r$round-$$-$(date +%s)"
+    gen_pool "$tmp/$tag.pool" "$POOL" "$tag"
+    script=$(wrk_script "$tmp/$tag.pool" "$tag")
+    for target in "${TARGETS[@]}"; do
+        [[ $target == lfguard ]] && http_get "http://127.0.0.1:$ADMIN_PORT/metrics" >"$tmp/m-before.txt"
+        run_wrk "$target" "$DUR_S" "$script" "$tmp/round$round-$target.txt"
+        read -r rps p99 non2xx errors wraps < <(parse_wrk "$tmp/round$round-$target.txt")
+        line="round $round  $(printf '%-8s' "$target") $(printf '%10.1f' "$rps") req/s  p99 $(printf '%8.3f' "$p99") ms  non-2xx $non2xx  socket errors $errors"
+        if [[ $target == lfguard ]]; then
+            sleep 0.5
+            http_get "http://127.0.0.1:$ADMIN_PORT/metrics" >"$tmp/m-after.txt"
+            fwd=$(($(metric "$tmp/m-after.txt" forwarded) - $(metric "$tmp/m-before.txt" forwarded)))
+            dup=$(($(metric "$tmp/m-after.txt" duplicate) - $(metric "$tmp/m-before.txt" duplicate)))
+            other=$(($(metric_other "$tmp/m-after.txt") - $(metric_other "$tmp/m-before.txt")))
+            keys=$(awk '$1 == "lfguard_replay_entries" {print $2}' "$tmp/m-after.txt")
+            rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$LF_PID/status")
+            line+="  | lfguard: forwarded $fwd, duplicate $dup, other outcomes $other; RSS $((rss / 1024)) MiB with $keys replay keys"
+            ((dup == 0 && other == 0)) || problems+=("round $round: lfguard saw $dup duplicates and $other other outcomes (pool too small? raise POOL)")
+        fi
+        # Only lfguard remembers bodies; a wrapped pool would turn its requests into cheap duplicates.
+        [[ $target != lfguard ]] || ((wraps == 0)) || problems+=("round $round: the request pool wrapped $wraps times under lfguard (raise POOL)")
+        ((wraps == 0)) || line+="  (pool wrapped $wraps times)"
+        ((non2xx == 0 && errors == 0)) || problems+=("round $round $target: $non2xx non-2xx responses, $errors socket errors")
+        printf '%s\t%s\t%s\t%s\n' "$round" "$target" "$rps" "$p99" >>"$results"
+        log "$line"
+    done
+    rm -f "$tmp/$tag.pool"
+done
+PEAK_RSS_KB=$(awk '/^VmHWM:/ {print $2}' "/proc/$LF_PID/status")
+END_RSS_KB=$(awk '/^VmRSS:/ {print $2}' "/proc/$LF_PID/status")
+http_get "http://127.0.0.1:$ADMIN_PORT/metrics" >"$tmp/m-end.txt"
+REPLAY_ENTRIES=$(awk '$1 == "lfguard_replay_entries" {print $2}' "$tmp/m-end.txt")
+
+# --- lfguard send (the project's own load generator) --------------------------------------------------
+send_out=$tmp/send.txt
+: >"$send_out"
+for target in lfguard nginx; do
+    {
+        echo "lfguard send --count $SEND_COUNT --concurrency $SEND_CONCURRENCY -> $target"
+        "$LFGUARD" send "${URL[$target]}/callback" --secret "$SECRET" --partner "$PARTNER" \
+            --count "$SEND_COUNT" --concurrency "$SEND_CONCURRENCY" | sed 's/^/    /' ||
+            echo "    (send exited non-zero: not every answer was 2xx)"
+    } >>"$send_out"
+done
+
+# --- report ----------------------------------------------------------------------------------------
+cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+echo
+echo "## lfguard vs nginx vs direct ($(date -u +%Y-%m-%dT%H:%MZ))"
+echo
+echo "Machine: $(nproc) CPUs, ${cpu:-unknown CPU}, $(awk '/^MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM;" \
+    "wrk $(wrk -v 2>&1 | awk 'NR==1 {print $2}'), nginx $("$NGINX" -v 2>&1 | sed 's|.*/||')."
+echo "Load: wrk -t$WRK_THREADS -c$CONNECTIONS -d${DUR_S}s --latency, $ROUNDS interleaved rounds (direct -> nginx -> lfguard)," \
+    "POST /callback with distinct pre-signed SMS callbacks ($POOL per round; lfguard never gets a body twice," \
+    "the faster direct runs may cycle through the pool, which the backend cannot tell)."
+echo "Both proxies run one worker (nginx worker_processes 1, lfguard server.worker_threads = 1); the backend is nginx" \
+    "(1 worker, return 200 '{}'); upstream keep-alive pools on both. lfguard verifies signatures and claims replay keys" \
+    "(memory store, capacity 5M); its log level is warn (request events off) so logging does not dominate."
+echo "All processes (wrk, backend, proxy) share the machine's $(nproc) cores."
+echo
+python3 - "$results" "$PEAK_RSS_KB" "$IDLE_RSS_KB" "$END_RSS_KB" "$READY_MS" "$READYZ_MS" "${REPLAY_ENTRIES:-?}" <<'EOF'
+import statistics, sys
+rows = [line.split("\t") for line in open(sys.argv[1]).read().splitlines()]
+peak, idle, end = (int(v) / 1024 for v in sys.argv[2:5])
+ready, readyz, entries = sys.argv[5], sys.argv[6], sys.argv[7]
+med = {}
+print("| target | req/s (median) | p99 ms (median) | req/s per round | p99 ms per round |")
+print("|---|---:|---:|---|---|")
+for target in ["direct", "nginx", "lfguard"]:
+    rps = [float(r[2]) for r in rows if r[1] == target]
+    p99 = [float(r[3]) for r in rows if r[1] == target]
+    med[target] = (statistics.median(rps), statistics.median(p99))
+    print(f"| {target} | {med[target][0]:,.0f} | {med[target][1]:.2f} | "
+          f"{', '.join(f'{v:,.0f}' for v in rps)} | {', '.join(f'{v:.2f}' for v in p99)} |")
+print()
+print("| ratio | throughput | p99 |")
+print("|---|---:|---:|")
+for other in ["nginx", "direct"]:
+    print(f"| lfguard / {other} | {med['lfguard'][0] / med[other][0]:.2f} | {med['lfguard'][1] / med[other][1]:.2f} |")
+print()
+print("| lfguard | value |")
+print("|---|---:|")
+print(f"| peak RSS under load (VmHWM) | {peak:.1f} MiB |")
+print(f"| RSS after the rounds ({entries} replay keys held) | {end:.1f} MiB |")
+if entries.isdigit() and int(entries):
+    print(f"| of which per replay key, (RSS after - idle) / keys | {(end - idle) * 1048576 / int(entries):.0f} bytes |")
+print(f"| idle RSS (after start, before load) | {idle:.1f} MiB |")
+print(f"| start-to-ready, `ready` log line (median) | {ready} ms |")
+print(f"| start-to-ready, /readyz 200 (median) | {readyz} ms |")
+EOF
+echo
+echo "### lfguard send (signs each callback; nginx just proxies them)"
+echo
+echo '```'
+cat "$send_out"
+echo '```'
+if ((${#problems[@]})); then
+    echo
+    echo "### Problems"
+    printf -- '- %s\n' "${problems[@]}"
+    exit 1
+fi
