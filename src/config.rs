@@ -184,6 +184,7 @@ pub struct ReplayConfig {
     /// How long a delivered callback is remembered; at least `max_age + max_skew`.
     #[serde(with = "humantime_serde")]
     pub window: Duration,
+    /// Memory store: the most keys held (about 450 bytes each); the least recently used go first.
     pub capacity: u64,
     pub on_duplicate: OnDuplicate,
     pub redis_url: Option<String>,
@@ -195,7 +196,7 @@ impl Default for ReplayConfig {
         ReplayConfig {
             store: StoreKind::Memory,
             window: Duration::from_secs(25 * 3600),
-            capacity: 100_000,
+            capacity: 50_000,
             on_duplicate: OnDuplicate::Acknowledge,
             redis_url: None,
             key_prefix: "lfguard:".into(),

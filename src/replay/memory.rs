@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use moka::Expiry;
 use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
+use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 
 use super::{Claim, Key, Store, StoreError, Token};
@@ -57,8 +58,12 @@ impl MemoryStore {
     pub fn new(capacity: u64) -> Self {
         let evictions = Arc::new(AtomicU64::new(0));
         let counter = evictions.clone();
+        // LRU, not moka's default TinyLFU: every key is seen about once, and TinyLFU would then
+        // refuse to admit new keys over old ones once the cache is full, forgetting exactly the
+        // callbacks most likely to be replayed next.
         let cache = Cache::builder()
             .max_capacity(capacity)
+            .eviction_policy(EvictionPolicy::lru())
             .expire_after(EntryLifetime)
             .eviction_listener(move |_key, _entry, cause| {
                 if cause == RemovalCause::Size {
@@ -208,5 +213,14 @@ mod tests {
         }
         assert!(store.entries() <= 50, "{}", store.entries());
         assert!(store.evictions() > 0);
+        // At capacity the oldest keys go, and the newest are still caught as replays.
+        assert_eq!(
+            store.claim(&key("k499"), LONG).await.unwrap(),
+            Claim::Delivered
+        );
+        assert!(matches!(
+            store.claim(&key("k0"), LONG).await.unwrap(),
+            Claim::Claimed(_)
+        ));
     }
 }
