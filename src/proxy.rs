@@ -36,6 +36,22 @@ const MAX_DELIVERY_ID_LEN: usize = 128;
 /// request may still be delivered.
 const CLAIM_MARGIN: Duration = Duration::from_secs(5);
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const VERIFIED: HeaderName = HeaderName::from_static("x-lfguard-verified");
+const FAILURE: HeaderName = HeaderName::from_static("x-lfguard-failure");
+const PARTNER_CODE: HeaderName = HeaderName::from_static("x-lfguard-partner-code");
+const KEY_ID: HeaderName = HeaderName::from_static("x-lfguard-key-id");
+const DELIVERY_ID: HeaderName = HeaderName::from_static("x-lfguard-delivery-id");
+
+/// Sets a header whose value came from the request (already validated, so it always fits).
+fn insert(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(name, value);
+    }
+}
+
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus those we set ourselves.
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -253,7 +269,7 @@ impl Proxy {
         // Operators may pass a backend's own pages (health, status) through unverified.
         if self.is_passthrough(&parts) {
             let body = self.read_body(&parts, incoming).await?;
-            let forward = self.upstream_request(&parts, body, peer, None);
+            let forward = self.upstream_request(parts, body, peer, None);
             let response = self.send_upstream(forward, log).await?;
             return Ok((response, Accepted::PassedThrough));
         }
@@ -276,7 +292,7 @@ impl Proxy {
             Ok(replay_key) => replay_key,
             Err(rejection) => {
                 return self
-                    .refuse_or_report(rejection, &parts, body, peer, log)
+                    .refuse_or_report(rejection, parts, body, peer, log)
                     .await;
             }
         };
@@ -294,12 +310,12 @@ impl Proxy {
             }
             Err(rejection) => {
                 return self
-                    .refuse_or_report(rejection, &parts, body, peer, log)
+                    .refuse_or_report(rejection, parts, body, peer, log)
                     .await;
             }
         };
         self.count_verification(log, "valid");
-        let forward = self.upstream_request(&parts, body, peer, Some(log));
+        let forward = self.upstream_request(parts, body, peer, Some(log));
         let result = self.send_upstream(forward, log).await;
 
         // Settle: only a 2xx from the backend makes the callback delivered; anything else frees
@@ -343,7 +359,7 @@ impl Proxy {
     async fn refuse_or_report(
         &self,
         rejection: Rejection,
-        parts: &Parts,
+        parts: Parts,
         body: Bytes,
         peer: SocketAddr,
         log: &mut RequestLog,
@@ -497,81 +513,65 @@ impl Proxy {
 
     /// The request to the backend: same method, path, query and body; end-to-end headers kept;
     /// hop-by-hop and spoofed `x-lfguard-*` headers dropped; forwarding and verification headers
-    /// added.
+    /// added. The incoming header map is edited in place rather than copied.
     fn upstream_request(
         &self,
-        parts: &Parts,
+        mut parts: Parts,
         body: Bytes,
         peer: SocketAddr,
         verification: Option<&RequestLog>,
     ) -> Request<Full<Bytes>> {
-        let mut headers = HeaderMap::with_capacity(parts.headers.len() + 8);
-        let listed_in_connection = listed_in_connection(&parts.headers);
-        let mut forwarded_for: Option<String> = None;
-        for (name, value) in &parts.headers {
-            let dropped = HOP_BY_HOP.contains(name)
-                || listed_in_connection.contains(name)
-                || name.as_str().starts_with(OWN_HEADER_PREFIX)
-                || name == header::CONTENT_LENGTH
-                || name.as_str() == "x-forwarded-proto"
-                || name.as_str() == "x-forwarded-host";
-            if name.as_str() == "x-forwarded-for" {
-                if let Ok(value) = value.to_str() {
-                    let list = forwarded_for.get_or_insert_with(String::new);
-                    if !list.is_empty() {
-                        list.push_str(", ");
-                    }
-                    list.push_str(value);
-                }
-                continue;
-            }
-            if !dropped {
-                headers.append(name.clone(), value.clone());
+        let headers = &mut parts.headers;
+        for name in listed_in_connection(headers).iter().chain(&HOP_BY_HOP) {
+            headers.remove(name);
+        }
+        let spoofed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| name.as_str().starts_with(OWN_HEADER_PREFIX))
+            .cloned()
+            .collect();
+        for name in spoofed {
+            headers.remove(name);
+        }
+
+        let mut forwarded_for = String::new();
+        for value in headers.get_all(X_FORWARDED_FOR) {
+            if let Ok(value) = value.to_str() {
+                forwarded_for.push_str(value);
+                forwarded_for.push_str(", ");
             }
         }
-        let peer_ip = peer.ip().to_string();
-        let forwarded_for = match forwarded_for {
-            Some(list) if !list.is_empty() => format!("{list}, {peer_ip}"),
-            _ => peer_ip,
+        forwarded_for.push_str(&peer.ip().to_string());
+        insert(headers, X_FORWARDED_FOR, &forwarded_for);
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        match headers.get(header::HOST).cloned() {
+            Some(host) => headers.insert(X_FORWARDED_HOST, host),
+            None => headers.remove(X_FORWARDED_HOST),
         };
-        let add = |headers: &mut HeaderMap, name: &'static str, value: &str| {
-            if let Ok(value) = HeaderValue::from_str(value) {
-                headers.insert(HeaderName::from_static(name), value);
-            }
-        };
-        add(&mut headers, "x-forwarded-for", &forwarded_for);
-        add(&mut headers, "x-forwarded-proto", "http");
-        if let Some(host) = parts.headers.get(header::HOST) {
-            headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
-        }
         if let Some(facts) = verification {
             let verified = if facts.failure.is_none() {
                 "true"
             } else {
                 "false"
             };
-            add(&mut headers, "x-lfguard-verified", verified);
+            headers.insert(VERIFIED, HeaderValue::from_static(verified));
             if let Some(failure) = facts.failure {
-                add(&mut headers, "x-lfguard-failure", failure);
+                insert(headers, FAILURE, failure);
             }
             for (name, value) in [
-                ("x-lfguard-partner-code", &facts.partner),
-                ("x-lfguard-key-id", &facts.key_id),
-                ("x-lfguard-delivery-id", &facts.delivery_id),
+                (PARTNER_CODE, &facts.partner),
+                (KEY_ID, &facts.key_id),
+                (DELIVERY_ID, &facts.delivery_id),
             ] {
                 if let Some(value) = value {
-                    add(&mut headers, name, value);
+                    insert(headers, name, value);
                 }
             }
         }
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-
-        let mut request = Request::new(Full::new(body));
-        *request.method_mut() = parts.method.clone();
-        *request.uri_mut() = self.upstream.uri_for(parts.uri.path_and_query());
-        *request.version_mut() = Version::HTTP_11;
-        *request.headers_mut() = headers;
-        request
+        parts.uri = self.upstream.uri_for(parts.uri.path_and_query());
+        parts.version = Version::HTTP_11;
+        Request::from_parts(parts, Full::new(body))
     }
 
     /// Sends to the backend within `upstream.timeout` and relays its answer, streaming the body.
