@@ -6,11 +6,6 @@ use clap::Parser;
 use lfguard::cli::{self, Cli, Command};
 use lfguard::config::{self, Config};
 
-/// mimalloc: the request path allocates small, short-lived buffers, where glibc's malloc showed
-/// up as a tenth of the CPU profile under load.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// EX_USAGE from sysexits.h: the configuration is invalid.
 const EXIT_CONFIG: u8 = 64;
 
