@@ -1,6 +1,7 @@
 //! The request pipeline: limit → buffer → parse → verify → freshness → replay claim → forward →
 //! settle. `Proxy::handle` is the hyper service; each step is a named function below it.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -119,7 +120,7 @@ struct Record<'p> {
     proxy: &'p Proxy,
     started: Instant,
     method: Method,
-    path: String,
+    uri: Uri,
     peer: SocketAddr,
     log: RequestLog,
     emitted: bool,
@@ -131,7 +132,7 @@ impl<'p> Record<'p> {
             proxy,
             started: Instant::now(),
             method: request.method().clone(),
-            path: request.uri().path().to_string(),
+            uri: request.uri().clone(),
             peer,
             log: RequestLog::default(),
             emitted: false,
@@ -153,7 +154,7 @@ impl<'p> Record<'p> {
             code,
             status,
             method = %self.method,
-            path = %self.path,
+            path = %self.uri.path(),
             partner = log.partner.as_deref().unwrap_or(""),
             delivery_id = log.delivery_id.as_deref().unwrap_or(""),
             key_id = log.key_id.as_deref().unwrap_or(""),
@@ -534,14 +535,14 @@ impl Proxy {
             headers.remove(name);
         }
 
-        let mut forwarded_for = String::new();
+        let mut forwarded_for = String::with_capacity(48);
         for value in headers.get_all(X_FORWARDED_FOR) {
             if let Ok(value) = value.to_str() {
                 forwarded_for.push_str(value);
                 forwarded_for.push_str(", ");
             }
         }
-        forwarded_for.push_str(&peer.ip().to_string());
+        let _ = write!(forwarded_for, "{}", peer.ip());
         insert(headers, X_FORWARDED_FOR, &forwarded_for);
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         match headers.get(header::HOST).cloned() {
@@ -558,14 +559,16 @@ impl Proxy {
             if let Some(failure) = facts.failure {
                 insert(headers, FAILURE, failure);
             }
-            for (name, value) in [
-                (PARTNER_CODE, &facts.partner),
-                (KEY_ID, &facts.key_id),
-                (DELIVERY_ID, &facts.delivery_id),
-            ] {
+            for (name, value) in [(PARTNER_CODE, &facts.partner), (KEY_ID, &facts.key_id)] {
                 if let Some(value) = value {
                     insert(headers, name, value);
                 }
+            }
+            // The incoming header itself (validated as visible ASCII), shared rather than copied.
+            if facts.delivery_id.is_some()
+                && let Some(delivery_id) = headers.get(DELIVERY_HEADER).cloned()
+            {
+                headers.insert(DELIVERY_ID, delivery_id);
             }
         }
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
