@@ -184,7 +184,7 @@ pub struct ReplayConfig {
     /// How long a delivered callback is remembered; at least `max_age + max_skew`.
     #[serde(with = "humantime_serde")]
     pub window: Duration,
-    /// Memory store: the most keys held (about 100 bytes each); the least recently used go first.
+    /// Memory store: the most keys held (about 120 bytes each); the least recently used go first.
     pub capacity: u64,
     pub on_duplicate: OnDuplicate,
     pub redis_url: Option<String>,

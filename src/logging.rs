@@ -10,7 +10,7 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{LogConfig, LogFormat};
 
 /// Lines buffered between the request path and the writer thread.
-const BUFFERED_LINES: usize = 64 * 1024;
+const BUFFERED_LINES: usize = 4096;
 
 /// `RUST_LOG` wins over `log.level` when set. Keep the guard until exit: dropping it flushes.
 pub fn init(config: &LogConfig) -> WorkerGuard {
