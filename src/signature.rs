@@ -897,6 +897,34 @@ mod tests {
             prop_assert_eq!(sign(&a, "k", Encoding::Raw), sign(&b, "k", Encoding::Raw));
         }
 
+        /// Any object the reader accepts signs and then verifies, in both encodings, and a
+        /// one-character change to a value changes the signature.
+        #[test]
+        fn every_accepted_object_signs_and_verifies(
+            members in proptest::collection::vec(("[a-z_]{1,6}", prop_oneof![
+                Just("1.50".to_string()), Just("-0".to_string()), Just("1e999999".to_string()),
+                Just("null".to_string()), Just("true".to_string()), Just(r#""\u53d1 \"q\"""#.to_string()),
+                Just(r#"{ "n": [1, "x y", {}] }"#.to_string()), "[a-zA-Z0-9 .:,_&=-]{0,10}".prop_map(|s| format!("\"{s}\"")),
+            ]), 1..8),
+            nulls in prop_oneof![Just(NullValues::Empty), Just(NullValues::Skip), Just(NullValues::Literal)],
+        ) {
+            let body = format!("{{{}}}", members.iter()
+                .map(|(k, v)| format!("\"{k}\" : {v}")).collect::<Vec<_>>().join(",\n"));
+            let Ok(parsed) = Body::from_json(body.as_bytes()) else {
+                // Only duplicate keys are refused here.
+                prop_assert!(matches!(Body::from_json(body.as_bytes()), Err(BodyError::DuplicateKey(_))));
+                return Ok(());
+            };
+            let canonical = parsed.canonical(nulls);
+            let digest = Prepared::new(&canonical).digest("secret");
+            for encoding in [Encoding::Hex, Encoding::Raw] {
+                let header = sign(&canonical, "secret", encoding);
+                prop_assert!(decode_header(header.as_bytes(), Encoding::Auto).unwrap().matches(&digest));
+            }
+            let changed = Prepared::new(&format!("{canonical}x")).digest("secret");
+            prop_assert_ne!(changed, digest);
+        }
+
         #[test]
         fn reader_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = Body::from_json(&bytes);
