@@ -15,8 +15,13 @@ enum Store {
 
 /// lfguard in front of `backend` with the given store (and its Redis, kept alive by the caller).
 fn start(store: Store, backend: &Backend, extra: &str) -> (Lfguard, Option<Redis>) {
+    start_on(store, &backend.url(), extra)
+}
+
+/// The same in front of any upstream URL, e.g. one where no backend listens yet.
+fn start_on(store: Store, upstream: &str, extra: &str) -> (Lfguard, Option<Redis>) {
     let redis = (store == Store::Redis).then(Redis::start);
-    let mut config = base_config(&backend.url());
+    let mut config = base_config(upstream);
     if let Some(redis) = &redis {
         merge(
             &mut config,
@@ -103,20 +108,7 @@ fn retry_after_a_backend_failure_is_forwarded_again(store: Store) {
 
 fn retry_after_the_backend_was_down_is_forwarded(store: Store) {
     let port = free_port();
-    let (lfguard, _redis) = {
-        let redis = (store == Store::Redis).then(Redis::start);
-        let mut config = base_config(&format!("http://127.0.0.1:{port}"));
-        if let Some(redis) = &redis {
-            merge(
-                &mut config,
-                &format!(
-                    "[replay]\nstore = \"redis\"\nredis_url = \"{}\"",
-                    redis.url()
-                ),
-            );
-        }
-        (Lfguard::start_with(config, &[]), redis)
-    };
+    let (lfguard, _redis) = start_on(store, &format!("http://127.0.0.1:{port}"), "");
     let callback = Callback::signed(sms_body());
     let response = lfguard.post(&callback);
     assert_eq!(
