@@ -37,7 +37,7 @@ fn load(cli: &Cli) -> Result<Config, ExitCode> {
 }
 
 fn serve(config: Config, path: Option<std::path::PathBuf>) -> ExitCode {
-    let _flush_logs_on_exit = lfguard::logging::init(&config.log);
+    lfguard::logging::init(&config.log);
     match runtime(config.server.worker_threads).block_on(lfguard::server::run(config, path)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
