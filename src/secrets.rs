@@ -128,13 +128,6 @@ impl SecretStore {
     pub fn partner_count(&self) -> usize {
         self.partners.len()
     }
-
-    /// Partner codes, sorted, for logs and metrics labels.
-    pub fn partner_codes(&self) -> Vec<String> {
-        let mut codes: Vec<String> = self.partners.keys().cloned().collect();
-        codes.sort();
-        codes
-    }
 }
 
 /// Re-reads the configuration file and every secret source, and swaps the new secrets and modes
