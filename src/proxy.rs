@@ -105,6 +105,8 @@ impl UpstreamTarget {
 #[derive(Debug, Default)]
 pub struct RequestLog {
     pub partner: Option<String>,
+    /// Whether `partner` is configured, i.e. may be a metrics label.
+    pub partner_known: bool,
     pub delivery_id: Option<String>,
     pub key_id: Option<String>,
     pub mode: Option<VerifyMode>,
@@ -145,7 +147,7 @@ impl<'p> Record<'p> {
         let log = &self.log;
         self.proxy.metrics.observe_request(
             code,
-            self.proxy.known_partner(log),
+            log.metrics_partner(),
             elapsed,
             log.upstream_seconds,
         );
@@ -176,6 +178,13 @@ impl Drop for Record<'_> {
                 Some("the client closed the connection before the answer"),
             );
         }
+    }
+}
+
+impl RequestLog {
+    /// The partner as a metrics label: only configured codes, so labels stay bounded.
+    fn metrics_partner(&self) -> Option<&str> {
+        self.partner.as_deref().filter(|_| self.partner_known)
     }
 }
 
@@ -284,6 +293,7 @@ impl Proxy {
         let secrets = self.secrets.load();
         let partner = partner_code(&parsed);
         log.partner = partner.as_ref().ok().map(|code| code.to_string());
+        log.partner_known = partner.as_ref().is_ok_and(|code| secrets.contains(code));
         let mode = secrets.mode_for(log.partner.as_deref());
         log.mode = Some(mode);
 
@@ -381,14 +391,7 @@ impl Proxy {
     fn count_verification(&self, log: &RequestLog, result: &'static str) {
         let mode = log.mode.unwrap_or_default();
         self.metrics
-            .verification(self.known_partner(log), result, mode.as_str());
-    }
-
-    /// The partner as a metrics label: only configured codes, so labels stay bounded.
-    fn known_partner<'l>(&self, log: &'l RequestLog) -> Option<&'l str> {
-        log.partner
-            .as_deref()
-            .filter(|partner| self.secrets.load().contains(partner))
+            .verification(log.metrics_partner(), result, mode.as_str());
     }
 
     fn is_passthrough(&self, parts: &Parts) -> bool {

@@ -415,3 +415,30 @@ fn a_tls_redis_url_is_accepted_and_fails_closed_when_tls_fails() {
     );
     assert_eq!(backend.count(), 0);
 }
+
+#[test]
+fn deployments_with_different_key_prefixes_share_a_redis_without_sharing_keys() {
+    let redis = Redis::start();
+    let backend = Backend::start();
+    let with_prefix = |prefix: &str| {
+        Lfguard::start(
+            &backend,
+            &format!(
+                "[replay]\nstore = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"{prefix}\"",
+                redis.url()
+            ),
+        )
+    };
+    let blue = with_prefix("blue:");
+    let green = with_prefix("green:");
+    let callback = Callback::signed(sms_body());
+    assert_eq!(blue.post(&callback).status, 200);
+    let other = green.post(&callback.with_new_delivery_id());
+    assert_eq!(
+        (other.status, other.header("x-lfguard-duplicate")),
+        (200, None)
+    );
+    let same = blue.post(&callback.with_new_delivery_id());
+    assert_eq!(same.header("x-lfguard-duplicate"), Some("true"));
+    assert_eq!(backend.count(), 2);
+}
