@@ -357,7 +357,7 @@ impl Config {
         if server.max_header_bytes < 8192 {
             problems.push("server.max_header_bytes: must be at least 8192".into());
         }
-        if let Err(problem) = crate::proxy::UpstreamTarget::parse(&self.upstream.url) {
+        if let Err(problem) = crate::upstream::UpstreamTarget::parse(&self.upstream.url) {
             problems.push(format!("upstream.url: {problem}"));
         }
         let needed = self.verify.max_age + self.verify.max_skew;

@@ -16,3 +16,4 @@ pub mod replay;
 pub mod secrets;
 pub mod server;
 pub mod signature;
+pub mod upstream;

@@ -1,13 +1,14 @@
 //! Structured logs with `tracing`: JSON lines by default (one event per request), or text.
 //!
 //! Both are on the hot path (one event per request), so two things are done by hand:
-//! - `JsonLines` writes each event straight into tracing's line buffer; tracing-subscriber's own
-//!   JSON layer builds a serde map per event and cost a tenth of lfguard's CPU under load.
+//! - `JsonLayer` writes each event straight into a reused line buffer; tracing-subscriber's own
+//!   JSON formatter builds a serde map per event and cost a tenth of lfguard's CPU under load.
 //! - Lines gather in `PENDING` and reach stdout in one `write` when a runtime worker runs out of
 //!   work (`flush`, installed as tokio's park hook), when `FLUSH_AT` bytes have gathered, and at
 //!   once for warnings and errors. Under load that is one write per event-loop turn instead of one
 //!   per request; a process killed with SIGKILL loses at most the lines of its current turn.
 
+use std::cell::RefCell;
 use std::fmt::{self, Write as _};
 use std::io::Write as _;
 use std::sync::Mutex;
@@ -16,9 +17,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Metadata, Subscriber};
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
-use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt as _};
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::{LogConfig, LogFormat};
 
@@ -31,21 +32,37 @@ static PENDING: Mutex<Vec<u8>> = Mutex::new(Vec::new());
 pub fn init(config: &LogConfig) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(Buffered);
     let _ = match config.format {
-        LogFormat::Json => builder.event_format(JsonLines).try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(filter)
+            .with(JsonLayer::new(append))
+            .try_init(),
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(Buffered)
+            .finish()
+            .try_init(),
     };
 }
 
 /// Writes the buffered lines to stdout. Runs whenever a runtime worker goes idle, and at exit.
 pub fn flush() {
-    let mut pending = PENDING
+    write_out(&mut pending());
+}
+
+fn pending() -> std::sync::MutexGuard<'static, Vec<u8>> {
+    PENDING
         .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    write_out(&mut pending);
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Adds lines to `PENDING`; `urgent` (warnings and errors) writes them out at once.
+fn append(lines: &[u8], urgent: bool) {
+    let mut pending = pending();
+    pending.extend_from_slice(lines);
+    if urgent || pending.len() >= FLUSH_AT {
+        write_out(&mut pending);
+    }
 }
 
 fn write_out(pending: &mut Vec<u8>) {
@@ -61,7 +78,11 @@ fn write_out(pending: &mut Vec<u8>) {
     }
 }
 
-/// The `MakeWriter` for `PENDING`: warnings and errors are written through at once.
+fn is_urgent(meta: &Metadata<'_>) -> bool {
+    *meta.level() <= Level::WARN
+}
+
+/// The text format's `MakeWriter` for `PENDING`.
 struct Buffered;
 
 struct BufferedLine {
@@ -77,20 +98,14 @@ impl<'a> MakeWriter<'a> for Buffered {
 
     fn make_writer_for(&'a self, meta: &Metadata<'_>) -> BufferedLine {
         BufferedLine {
-            urgent: *meta.level() <= Level::WARN,
+            urgent: is_urgent(meta),
         }
     }
 }
 
 impl std::io::Write for BufferedLine {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
-        let mut pending = PENDING
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        pending.extend_from_slice(line);
-        if self.urgent || pending.len() >= FLUSH_AT {
-            write_out(&mut pending);
-        }
+        append(line, self.urgent);
         Ok(line.len())
     }
 
@@ -99,130 +114,147 @@ impl std::io::Write for BufferedLine {
     }
 }
 
-/// One JSON object per event: `timestamp`, `level`, the event's fields (including `message`) and
-/// `target`, the same keys as tracing-subscriber's flattened JSON. Spans are not used by lfguard.
-pub struct JsonLines;
+thread_local! {
+    static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+}
 
-impl<S, N> FormatEvent<S, N> for JsonLines
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
-{
-    fn format_event(
-        &self,
-        _ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
-        let meta = event.metadata();
-        writer.write_str("{\"timestamp\":\"")?;
-        write_timestamp(&mut writer, SystemTime::now())?;
-        write!(writer, "\",\"level\":\"{}\"", meta.level())?;
-        let mut fields = JsonFields {
-            out: &mut writer,
-            result: Ok(()),
-        };
-        event.record(&mut fields);
-        fields.result?;
-        writer.write_str(",\"target\":")?;
-        write_json_str(&mut writer, meta.target())?;
-        writer.write_str("}\n")
+/// One JSON object per event: `timestamp`, `level`, the event's fields (including `message`) and
+/// `target`, the keys of tracing-subscriber's flattened JSON. Spans are not used by lfguard.
+/// Each line goes to `sink` with whether it is urgent.
+pub struct JsonLayer<F> {
+    sink: F,
+}
+
+impl<F: Fn(&[u8], bool) + 'static> JsonLayer<F> {
+    pub fn new(sink: F) -> Self {
+        JsonLayer { sink }
+    }
+
+    fn emit(&self, line: &mut String, event: &Event<'_>) {
+        line.clear();
+        format_event(line, event, SystemTime::now());
+        (self.sink)(line.as_bytes(), is_urgent(event.metadata()));
     }
 }
 
+impl<S: Subscriber, F: Fn(&[u8], bool) + 'static> Layer<S> for JsonLayer<F> {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        // A field's Debug impl that logs would find the buffer borrowed: it gets its own.
+        LINE.with(|line| match line.try_borrow_mut() {
+            Ok(mut line) => self.emit(&mut line, event),
+            Err(_) => self.emit(&mut String::new(), event),
+        });
+    }
+}
+
+fn format_event(line: &mut String, event: &Event<'_>, now: SystemTime) {
+    let meta = event.metadata();
+    line.push_str("{\"timestamp\":\"");
+    push_timestamp(line, now);
+    line.push_str("\",\"level\":\"");
+    line.push_str(meta.level().as_str());
+    line.push('"');
+    event.record(&mut JsonFields { line });
+    line.push_str(",\"target\":");
+    push_json_str(line, meta.target());
+    line.push_str("}\n");
+}
+
 /// RFC 3339 in UTC with microseconds, e.g. `2026-11-25T13:45:12.123456Z`.
-fn write_timestamp(out: &mut impl fmt::Write, now: SystemTime) -> fmt::Result {
+fn push_timestamp(line: &mut String, now: SystemTime) {
     use chrono::{Datelike as _, Timelike as _};
     let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX);
     let time = chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default();
-    write!(
-        out,
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        time.year(),
-        time.month(),
-        time.day(),
-        time.hour(),
-        time.minute(),
-        time.second(),
-        since_epoch.subsec_micros()
-    )
+    let parts = [
+        (time.year().unsigned_abs(), 4, '-'),
+        (time.month(), 2, '-'),
+        (time.day(), 2, 'T'),
+        (time.hour(), 2, ':'),
+        (time.minute(), 2, ':'),
+        (time.second(), 2, '.'),
+        (since_epoch.subsec_micros(), 6, 'Z'),
+    ];
+    for (value, width, separator) in parts {
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(value);
+        for _ in digits.len()..width {
+            line.push('0');
+        }
+        line.push_str(digits);
+        line.push(separator);
+    }
 }
 
 /// Appends `,"name":value` for each field of an event.
-struct JsonFields<'w, W> {
-    out: &'w mut W,
-    result: fmt::Result,
+struct JsonFields<'l> {
+    line: &'l mut String,
 }
 
-impl<W: fmt::Write> JsonFields<'_, W> {
-    fn field(&mut self, field: &Field, value: impl FnOnce(&mut W) -> fmt::Result) {
-        if self.result.is_err() {
-            return;
-        }
-        self.result = (|| {
-            self.out.write_char(',')?;
-            write_json_str(self.out, field.name())?;
-            self.out.write_char(':')?;
-            value(self.out)
-        })();
+impl JsonFields<'_> {
+    fn key(&mut self, field: &Field) {
+        self.line.push(',');
+        push_json_str(self.line, field.name());
+        self.line.push(':');
+    }
+
+    fn display(&mut self, field: &Field, value: fmt::Arguments<'_>) {
+        self.key(field);
+        self.line.push('"');
+        let _ = JsonEscaped(self.line).write_fmt(value);
+        self.line.push('"');
     }
 }
 
-impl<W: fmt::Write> Visit for JsonFields<'_, W> {
+impl Visit for JsonFields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.field(field, |out| write_json_str(out, value));
+        self.key(field);
+        push_json_str(self.line, value);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.field(field, |out| {
-            out.write_char('"')?;
-            write!(JsonEscaped(out), "{value:?}")?;
-            out.write_char('"')
-        });
-    }
-
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.field(field, |out| {
-            if value.is_finite() {
-                write!(out, "{value}")
-            } else {
-                out.write_str("null")
-            }
-        });
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.field(field, |out| write!(out, "{value}"));
-    }
-
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.field(field, |out| write!(out, "{value}"));
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.field(field, |out| write!(out, "{value}"));
+        self.display(field, format_args!("{value:?}"));
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.field(field, |out| {
-            out.write_char('"')?;
-            write!(JsonEscaped(out), "{value}")?;
-            out.write_char('"')
-        });
+        self.display(field, format_args!("{value}"));
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.key(field);
+        if value.is_finite() {
+            self.line.push_str(ryu::Buffer::new().format_finite(value));
+        } else {
+            self.line.push_str("null");
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.key(field);
+        self.line.push_str(itoa::Buffer::new().format(value));
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.key(field);
+        self.line.push_str(itoa::Buffer::new().format(value));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.key(field);
+        self.line.push_str(if value { "true" } else { "false" });
     }
 }
 
-fn write_json_str(out: &mut impl fmt::Write, value: &str) -> fmt::Result {
-    out.write_char('"')?;
-    JsonEscaped(out).write_str(value)?;
-    out.write_char('"')
+fn push_json_str(line: &mut String, value: &str) {
+    line.push('"');
+    let _ = JsonEscaped(line).write_str(value);
+    line.push('"');
 }
 
 /// Escapes what it is given as the inside of a JSON string (RFC 8259 §7).
-struct JsonEscaped<'w, W>(&'w mut W);
+struct JsonEscaped<'l>(&'l mut String);
 
-impl<W: fmt::Write> fmt::Write for JsonEscaped<'_, W> {
+impl fmt::Write for JsonEscaped<'_> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
         let mut plain_from = 0;
         for (at, byte) in text.bytes().enumerate() {
@@ -235,15 +267,20 @@ impl<W: fmt::Write> fmt::Write for JsonEscaped<'_, W> {
                 0x00..=0x1f => "",
                 _ => continue,
             };
-            self.0.write_str(&text[plain_from..at])?;
+            self.0.push_str(&text[plain_from..at]);
             if escape.is_empty() {
-                write!(self.0, "\\u{byte:04x}")?;
+                self.0.push_str("\\u00");
+                self.0
+                    .push(char::from(b"0123456789abcdef"[usize::from(byte >> 4)]));
+                self.0
+                    .push(char::from(b"0123456789abcdef"[usize::from(byte & 0xf)]));
             } else {
-                self.0.write_str(escape)?;
+                self.0.push_str(escape);
             }
             plain_from = at + 1;
         }
-        self.0.write_str(&text[plain_from..])
+        self.0.push_str(&text[plain_from..]);
+        Ok(())
     }
 }
 
@@ -256,33 +293,21 @@ mod tests {
 
     use super::*;
 
-    /// Collects what a subscriber using `JsonLines` writes.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    fn json_lines(emit: impl FnOnce()) -> Vec<Value> {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(Level::TRACE)
-            .with_writer(move || writer.clone())
-            .event_format(JsonLines)
-            .finish();
-        tracing::subscriber::with_default(subscriber, emit);
-        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-        text.lines()
-            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
-            .collect()
+    /// The lines a `JsonLayer` produces for the events `emit` sends, with their urgency.
+    fn json_lines(emit: impl FnOnce()) -> Vec<(Value, bool)> {
+        let captured = Arc::new(Mutex::new(Vec::new()));
+        let sink = captured.clone();
+        let layer = JsonLayer::new(move |line: &[u8], urgent| {
+            let line = std::str::from_utf8(line).unwrap();
+            assert!(
+                line.ends_with('\n') && line.matches('\n').count() == 1,
+                "{line}"
+            );
+            let value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            sink.lock().unwrap().push((value, urgent));
+        });
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), emit);
+        Arc::try_unwrap(captured).unwrap().into_inner().unwrap()
     }
 
     #[test]
@@ -304,7 +329,8 @@ mod tests {
             tracing::warn!(what = ?"quoted", "line\nbreak");
         });
         assert_eq!(lines.len(), 2);
-        let request = &lines[0];
+        let (request, urgent) = &lines[0];
+        assert!(!urgent);
         assert_eq!(request["level"], "INFO");
         assert_eq!(request["target"], "lfguard::request");
         assert_eq!(request["message"], "request");
@@ -321,16 +347,18 @@ mod tests {
             chrono::DateTime::parse_from_rfc3339(timestamp).is_ok(),
             "{timestamp}"
         );
-        assert_eq!(lines[1]["level"], "WARN");
-        assert_eq!(lines[1]["message"], "line\nbreak");
-        assert_eq!(lines[1]["what"], "\"quoted\"");
+        let (warning, urgent) = &lines[1];
+        assert!(urgent);
+        assert_eq!(warning["level"], "WARN");
+        assert_eq!(warning["message"], "line\nbreak");
+        assert_eq!(warning["what"], "\"quoted\"");
     }
 
     #[test]
     fn timestamps_are_rfc3339_utc_with_microseconds() {
         let mut out = String::new();
         let at = UNIX_EPOCH + std::time::Duration::new(1_795_000_000, 123_456_789);
-        write_timestamp(&mut out, at).unwrap();
+        push_timestamp(&mut out, at);
         assert_eq!(out, "2026-11-18T11:06:40.123456Z");
     }
 
@@ -338,7 +366,7 @@ mod tests {
         #[test]
         fn any_string_survives_escaping(text in any::<String>()) {
             let mut out = String::new();
-            write_json_str(&mut out, &text).unwrap();
+            push_json_str(&mut out, &text);
             let read: String = serde_json::from_str(&out).unwrap();
             prop_assert_eq!(read, text);
         }

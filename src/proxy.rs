@@ -10,13 +10,9 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 
 use crate::body::{ProxyBody, full};
 use crate::config::{Config, OnDuplicate, VerifyMode};
@@ -27,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::replay::{self, AnyStore, Claim, ClaimGuard, Store};
 use crate::secrets::{SecretStore, is_partner_code};
 use crate::signature::{self, Body, Value};
+use crate::upstream::Upstream;
 
 const SIGNATURE_HEADER: &str = "x-lf-md5";
 const DELIVERY_HEADER: &str = "x-lf-delivery";
@@ -64,41 +61,6 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
-
-/// Where requests are forwarded: `http://authority` plus an optional path prefix.
-#[derive(Debug, Clone)]
-pub struct UpstreamTarget {
-    authority: Authority,
-    base_path: String,
-}
-
-impl UpstreamTarget {
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let uri: Uri = url.parse().map_err(|err| format!("{err}"))?;
-        if uri.scheme() != Some(&Scheme::HTTP) {
-            return Err("must be an http:// URL (the backend sits beside lfguard)".into());
-        }
-        let authority = uri.authority().cloned().ok_or("has no host")?;
-        if uri.query().is_some() {
-            return Err("must not have a query".into());
-        }
-        let base_path = uri.path().trim_end_matches('/').to_string();
-        Ok(UpstreamTarget {
-            authority,
-            base_path,
-        })
-    }
-
-    fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
-        let tail = path_and_query.map_or("/", PathAndQuery::as_str);
-        Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(self.authority.clone())
-            .path_and_query(format!("{}{tail}", self.base_path))
-            .build()
-            .expect("authority and path were valid separately")
-    }
-}
 
 /// What lfguard learned about a request as the pipeline ran: logged, counted, and forwarded as
 /// the `x-lfguard-*` headers.
@@ -155,8 +117,8 @@ impl<'p> Record<'p> {
             target: "lfguard::request",
             code,
             status,
-            method = %self.method,
-            path = %self.uri.path(),
+            method = self.method.as_str(),
+            path = self.uri.path(),
             partner = log.partner.as_deref().unwrap_or(""),
             delivery_id = log.delivery_id.as_deref().unwrap_or(""),
             key_id = log.key_id.as_deref().unwrap_or(""),
@@ -214,8 +176,7 @@ pub struct Proxy {
     secrets: Arc<ArcSwap<SecretStore>>,
     replay: Arc<AnyStore>,
     metrics: Arc<Metrics>,
-    client: Client<HttpConnector, Full<Bytes>>,
-    upstream: UpstreamTarget,
+    upstream: Arc<Upstream>,
 }
 
 impl Proxy {
@@ -225,24 +186,19 @@ impl Proxy {
         replay: Arc<AnyStore>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let upstream = UpstreamTarget::parse(&config.upstream.url)
-            .expect("upstream.url was validated at config load");
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.upstream.connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(config.upstream.pool_max_idle_per_host)
-            .pool_idle_timeout(config.upstream.pool_idle_timeout)
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(connector);
+        let upstream =
+            Upstream::new(&config.upstream).expect("upstream.url was validated at config load");
         Proxy {
             config,
             secrets,
             replay,
             metrics,
-            client,
-            upstream,
+            upstream: Arc::new(upstream),
         }
+    }
+
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
     }
 
     /// The service: runs the pipeline and answers refusals; `Record` emits the request's one log
@@ -575,7 +531,7 @@ impl Proxy {
             }
         }
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-        parts.uri = self.upstream.uri_for(parts.uri.path_and_query());
+        parts.uri = self.upstream.target().uri_for(parts.uri.path_and_query());
         parts.version = Version::HTTP_11;
         Request::from_parts(parts, Full::new(body))
     }
@@ -588,11 +544,11 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Rejection> {
         let started = Instant::now();
         let result =
-            tokio::time::timeout(self.config.upstream.timeout, self.client.request(request)).await;
+            tokio::time::timeout(self.config.upstream.timeout, self.upstream.send(request)).await;
         log.upstream_seconds = Some(started.elapsed().as_secs_f64());
         let response = match result {
             Err(_elapsed) => return Err(Rejection::UpstreamTimeout),
-            Ok(Err(err)) => return Err(Rejection::UpstreamUnavailable(error_chain(&err))),
+            Ok(Err(err)) => return Err(Rejection::UpstreamUnavailable(err.to_string())),
             Ok(Ok(response)) => response,
         };
         let (mut parts, body) = response.into_parts();
@@ -601,17 +557,6 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         Ok(Response::from_parts(parts, body.boxed()))
     }
-}
-
-/// The first cause is usually "client error (Connect)"; the last one says what happened.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message = format!("{message}: {cause}");
-        source = cause.source();
-    }
-    message
 }
 
 /// Headers that `Connection` declares hop-by-hop for this message.
@@ -816,17 +761,5 @@ mod tests {
         }
         assert!(!has_dot_segments("/health/live.json"));
         assert!(!has_dot_segments("/health/...x"));
-    }
-
-    #[test]
-    fn upstream_urls() {
-        let target = UpstreamTarget::parse("http://127.0.0.1:8081/base/").unwrap();
-        let pq = PathAndQuery::from_static("/cb?x=1");
-        assert_eq!(
-            target.uri_for(Some(&pq)).to_string(),
-            "http://127.0.0.1:8081/base/cb?x=1"
-        );
-        assert!(UpstreamTarget::parse("https://example.com").is_err());
-        assert!(UpstreamTarget::parse("127.0.0.1:80").is_err());
     }
 }

@@ -72,6 +72,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Str
         shared.replay.clone(),
         shared.metrics.clone(),
     ));
+    let idle_closer = tokio::spawn(proxy.upstream().clone().close_idle_connections());
     tracing::info!(
         partners = shared.secrets.load().partner_count(),
         replay_store = shared.replay.kind(),
@@ -80,6 +81,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Str
     );
     serve_proxy(proxy_listener, proxy, &config, stop_rx).await;
     signals.abort();
+    idle_closer.abort();
     reloader.abort();
     admin_task.abort();
     tracing::info!("stopped");

@@ -1,0 +1,301 @@
+//! The backend: where requests go (`UpstreamTarget`) and a pool of kept-alive HTTP/1.1
+//! connections to it (`Upstream`).
+//!
+//! lfguard talks to exactly one backend, so the pool is a stack of idle connections rather than
+//! hyper-util's general client, which per request hashes a pool key, boxes the request future and
+//! spawns a task that waits for the connection to become reusable (together a tenth of lfguard's
+//! CPU under load). Here a connection goes back on the stack when its response body has been read
+//! to the end, and the most recently used one is taken first, so few connections stay warm.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, Uri, header};
+use http_body_util::Full;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::config::UpstreamConfig;
+
+/// Where requests are forwarded: `http://authority` plus an optional path prefix.
+#[derive(Debug, Clone)]
+pub struct UpstreamTarget {
+    authority: Authority,
+    base_path: String,
+}
+
+impl UpstreamTarget {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let uri: Uri = url.parse().map_err(|err| format!("{err}"))?;
+        if uri.scheme() != Some(&Scheme::HTTP) {
+            return Err("must be an http:// URL (the backend sits beside lfguard)".into());
+        }
+        let authority = uri.authority().cloned().ok_or("has no host")?;
+        if uri.query().is_some() {
+            return Err("must not have a query".into());
+        }
+        let base_path = uri.path().trim_end_matches('/').to_string();
+        Ok(UpstreamTarget {
+            authority,
+            base_path,
+        })
+    }
+
+    /// The origin-form request target on the backend: the base path, then the request's own
+    /// path and query.
+    pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
+        let tail = path_and_query.map_or("/", PathAndQuery::as_str);
+        if self.base_path.is_empty()
+            && let Some(path_and_query) = path_and_query
+        {
+            return Uri::from(path_and_query.clone());
+        }
+        Uri::builder()
+            .path_and_query(format!("{}{tail}", self.base_path))
+            .build()
+            .expect("the base path and the request path were valid separately")
+    }
+}
+
+/// Why the backend did not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to {authority}: {reason}")]
+    Connect { authority: String, reason: String },
+    #[error("connection to {authority} timed out after {after:?}")]
+    ConnectTimeout { authority: String, after: Duration },
+    #[error("{0}")]
+    Exchange(String),
+}
+
+struct IdleConnection {
+    sender: SendRequest<Full<Bytes>>,
+    since: Instant,
+}
+
+pub struct Upstream {
+    target: UpstreamTarget,
+    connect_timeout: Duration,
+    max_idle: usize,
+    idle_timeout: Duration,
+    /// Most recently used last.
+    idle: Mutex<Vec<IdleConnection>>,
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig) -> Result<Self, String> {
+        Ok(Upstream {
+            target: UpstreamTarget::parse(&config.url)?,
+            connect_timeout: config.connect_timeout,
+            max_idle: config.pool_max_idle_per_host,
+            idle_timeout: config.pool_idle_timeout,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn target(&self) -> &UpstreamTarget {
+        &self.target
+    }
+
+    /// Sends a request whose URI is already in origin form. A request that a reused connection
+    /// refused before writing a byte (the backend closed it while idle) is sent again on another
+    /// connection; once written, it is never sent twice.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut request: Request<Full<Bytes>>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        if !request.headers().contains_key(header::HOST) {
+            let host = HeaderValue::from_str(self.target.authority.as_str())
+                .expect("an authority is a valid header value");
+            request.headers_mut().insert(header::HOST, host);
+        }
+        while let Some(mut sender) = self.checkout() {
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.response(response, sender)),
+                Err(mut err) => match err.take_message() {
+                    Some(unsent) => request = unsent,
+                    None => return Err(exchange_error(err.error())),
+                },
+            }
+        }
+        let mut sender = self.connect().await?;
+        match sender.try_send_request(request).await {
+            Ok(response) => Ok(self.response(response, sender)),
+            Err(err) => Err(exchange_error(err.error())),
+        }
+    }
+
+    /// Closes connections idle for longer than `upstream.pool_idle_timeout`; runs until the
+    /// process ends.
+    pub async fn close_idle_connections(self: Arc<Self>) {
+        let mut every = tokio::time::interval(self.idle_timeout.max(Duration::from_secs(1)));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let timeout = self.idle_timeout;
+            self.idle_connections()
+                .retain(|idle| idle.since.elapsed() < timeout && !idle.sender.is_closed());
+        }
+    }
+
+    fn idle_connections(&self) -> std::sync::MutexGuard<'_, Vec<IdleConnection>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn checkout(&self) -> Option<SendRequest<Full<Bytes>>> {
+        let mut idle = self.idle_connections();
+        while let Some(connection) = idle.pop() {
+            if !connection.sender.is_closed() && connection.since.elapsed() < self.idle_timeout {
+                return Some(connection.sender);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, sender: SendRequest<Full<Bytes>>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle_connections();
+        if idle.len() < self.max_idle {
+            idle.push(IdleConnection {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, UpstreamError> {
+        let authority = &self.target.authority;
+        let addr = (authority.host(), authority.port_u16().unwrap_or(80));
+        let stream =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+                Err(_elapsed) => {
+                    return Err(UpstreamError::ConnectTimeout {
+                        authority: authority.to_string(),
+                        after: self.connect_timeout,
+                    });
+                }
+                Ok(Err(err)) => {
+                    return Err(UpstreamError::Connect {
+                        authority: authority.to_string(),
+                        reason: err.to_string(),
+                    });
+                }
+                Ok(Ok(stream)) => stream,
+            };
+        // Requests and answers are small and written whole; do not wait to coalesce them.
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|err| exchange_error(&err))?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn response(
+        self: &Arc<Self>,
+        response: Response<Incoming>,
+        sender: SendRequest<Full<Bytes>>,
+    ) -> Response<UpstreamBody> {
+        response.map(|body| UpstreamBody {
+            body,
+            reuse: Some((self.clone(), sender)),
+        })
+    }
+}
+
+/// hyper's errors say "client error (Connect)" first; the causes say what happened.
+fn exchange_error(err: &hyper::Error) -> UpstreamError {
+    let mut message = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        message = format!("{message}: {cause}");
+        source = cause.source();
+    }
+    UpstreamError::Exchange(message)
+}
+
+/// The backend's response body, streamed through. Its connection returns to the pool once the
+/// body has been read to the end; a body dropped half-read takes its connection with it.
+pub struct UpstreamBody {
+    body: Incoming,
+    reuse: Option<(Arc<Upstream>, SendRequest<Full<Bytes>>)>,
+}
+
+impl UpstreamBody {
+    fn release_connection(&mut self) {
+        if let Some((upstream, sender)) = self.reuse.take() {
+            upstream.checkin(sender);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.release_connection(),
+            Poll::Ready(Some(Err(_))) => self.reuse = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if self.body.is_end_stream() {
+            self.release_connection();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_urls() {
+        let target = UpstreamTarget::parse("http://127.0.0.1:8081/base/").unwrap();
+        let pq = PathAndQuery::from_static("/cb?x=1");
+        assert_eq!(target.uri_for(Some(&pq)).to_string(), "/base/cb?x=1");
+        assert_eq!(target.uri_for(None).to_string(), "/base/");
+        let root = UpstreamTarget::parse("http://127.0.0.1:8081").unwrap();
+        assert_eq!(root.uri_for(Some(&pq)).to_string(), "/cb?x=1");
+        assert_eq!(root.uri_for(None).to_string(), "/");
+        assert!(UpstreamTarget::parse("https://example.com").is_err());
+        assert!(UpstreamTarget::parse("127.0.0.1:80").is_err());
+        assert!(UpstreamTarget::parse("http://127.0.0.1:80/?q=1").is_err());
+    }
+}
