@@ -27,8 +27,16 @@ type Behaviour = dyn Fn(usize, &mut TcpStream) -> bool + Send + Sync;
 struct FakeBackend {
     addr: SocketAddr,
     bodies: Arc<Mutex<Vec<Vec<u8>>>>,
+    connections: Arc<Connections>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// How many connections a fake backend accepted, and how many lfguard closed.
+#[derive(Default)]
+struct Connections {
+    counts: Mutex<(usize, usize)>,
+    changed: std::sync::Condvar,
 }
 
 impl FakeBackend {
@@ -39,26 +47,36 @@ impl FakeBackend {
         let stop = Arc::new(AtomicBool::new(false));
         let behaviour: Arc<Behaviour> = Arc::new(behaviour);
         let counter = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(Connections::default());
         let thread = {
             let bodies = bodies.clone();
             let stop = stop.clone();
+            let connections = connections.clone();
             std::thread::spawn(move || {
                 for stream in listener.incoming() {
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }
                     let Ok(mut stream) = stream else { continue };
-                    let (bodies, behaviour, counter) =
-                        (bodies.clone(), behaviour.clone(), counter.clone());
+                    connections.counts.lock().unwrap().0 += 1;
+                    let (bodies, behaviour, counter, connections) = (
+                        bodies.clone(),
+                        behaviour.clone(),
+                        counter.clone(),
+                        connections.clone(),
+                    );
                     std::thread::spawn(move || {
                         let mut reader = BufReader::new(stream.try_clone().unwrap());
                         while let Some(body) = read_request(&mut reader) {
                             let index = counter.fetch_add(1, Ordering::SeqCst);
                             bodies.lock().unwrap().push(body);
                             if !behaviour(index, &mut stream) {
-                                break;
+                                return;
                             }
                         }
+                        // End of stream: lfguard closed the connection.
+                        connections.counts.lock().unwrap().1 += 1;
+                        connections.changed.notify_all();
                     });
                 }
             })
@@ -66,6 +84,7 @@ impl FakeBackend {
         FakeBackend {
             addr,
             bodies,
+            connections,
             stop,
             thread: Some(thread),
         }
@@ -77,6 +96,21 @@ impl FakeBackend {
 
     fn bodies(&self) -> Vec<Vec<u8>> {
         self.bodies.lock().unwrap().clone()
+    }
+
+    fn accepted_connections(&self) -> usize {
+        self.connections.counts.lock().unwrap().0
+    }
+
+    /// Waits until lfguard has closed `n` connections; returns whether it did within `WAIT`.
+    fn wait_closed_by_lfguard(&self, n: usize) -> bool {
+        let counts = self.connections.counts.lock().unwrap();
+        let (counts, _) = self
+            .connections
+            .changed
+            .wait_timeout_while(counts, WAIT, |(_, closed)| *closed < n)
+            .unwrap();
+        counts.1 >= n
     }
 }
 
@@ -196,6 +230,49 @@ fn a_refusing_backend_gets_502_and_the_retry_is_forwarded_once_it_is_up() {
     // Delivered now: the next retry stops at lfguard.
     assert!(duplicate(&lfguard.post(&callback.with_new_delivery_id())));
     assert_eq!(backend.count(), 1);
+}
+
+#[test]
+fn kept_alive_backend_connections_are_reused() {
+    let backend = FakeBackend::start(|_, stream| answer(stream, "{}"));
+    let lfguard = start_against(&backend.url(), "");
+    for _ in 0..5 {
+        let response = lfguard.post(&Callback::signed(sms_body()));
+        assert!(forwarded(&response), "{response:?}");
+    }
+    assert_eq!(backend.bodies().len(), 5);
+    assert_eq!(backend.accepted_connections(), 1);
+}
+
+#[test]
+fn a_backend_that_closes_each_connection_after_answering_gets_every_callback() {
+    // The close comes without `Connection: close`, as when a backend's keep-alive timeout
+    // or request limit ends a pooled connection: lfguard must not send the next one into it.
+    let backend = FakeBackend::start(|_, stream| {
+        answer(stream, "{}");
+        false
+    });
+    let lfguard = start_against(&backend.url(), "");
+    for _ in 0..5 {
+        let response = lfguard.post(&Callback::signed(sms_body()));
+        assert!(forwarded(&response), "{response:?}");
+    }
+    assert_eq!(backend.bodies().len(), 5);
+    assert_eq!(backend.accepted_connections(), 5);
+}
+
+#[test]
+fn idle_backend_connections_are_closed_after_the_pool_idle_timeout() {
+    let backend = FakeBackend::start(|_, stream| answer(stream, "{}"));
+    let lfguard = start_against(&backend.url(), "[upstream]\npool_idle_timeout = \"1s\"");
+    assert!(forwarded(&lfguard.post(&Callback::signed(sms_body()))));
+    assert!(
+        backend.wait_closed_by_lfguard(1),
+        "lfguard kept its idle backend connection open"
+    );
+    // A new callback opens a new connection.
+    assert!(forwarded(&lfguard.post(&Callback::signed(sms_body()))));
+    assert_eq!(backend.accepted_connections(), 2);
 }
 
 #[test]

@@ -54,6 +54,26 @@ fn valid_callback_arrives_byte_identical_with_verification_headers() {
 }
 
 #[test]
+fn an_http_1_0_request_without_host_reaches_the_backend_with_the_upstream_host() {
+    let backend = Backend::start();
+    let lfguard = Lfguard::start(&backend, "");
+    let callback = Callback::signed(sms_body());
+    let request = format!(
+        "POST /callback HTTP/1.0\r\nContent-Type: application/json\r\nx-lf-md5: {}\r\nx-lf-delivery: {}\r\nContent-Length: {}\r\n\r\n{}",
+        callback.header("x-lf-md5").unwrap(),
+        callback.header("x-lf-delivery").unwrap(),
+        callback.body.len(),
+        String::from_utf8_lossy(&callback.body),
+    );
+    let response = send_raw(lfguard.addr, request.as_bytes());
+    assert_eq!(response.status, 200, "{response:?}");
+    let received = backend.wait_for(1).remove(0);
+    let upstream_host = backend.addr.to_string();
+    assert_eq!(received.header("host"), Some(upstream_host.as_str()));
+    assert_eq!(received.header("x-forwarded-host"), None);
+}
+
+#[test]
 fn both_digest_encodings_are_accepted_under_auto_and_only_one_when_pinned() {
     let backend = Backend::start();
     let auto = Lfguard::start(&backend, "");
