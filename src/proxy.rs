@@ -62,6 +62,27 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// The client at the other end of one connection, formatted once rather than for every request.
+#[derive(Debug)]
+pub struct Peer {
+    ip: std::net::IpAddr,
+    /// `ip:port`, as logged.
+    address: String,
+    /// The IP as the hop lfguard adds to `X-Forwarded-For`.
+    forwarded_for: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Self {
+        Peer {
+            ip: addr.ip(),
+            address: addr.to_string(),
+            forwarded_for: HeaderValue::from_str(&addr.ip().to_string())
+                .expect("an IP address is a valid header value"),
+        }
+    }
+}
+
 /// What lfguard learned about a request as the pipeline ran: logged, counted, and forwarded as
 /// the `x-lfguard-*` headers.
 #[derive(Debug, Default)]
@@ -85,13 +106,13 @@ struct Record<'p> {
     started: Instant,
     method: Method,
     uri: Uri,
-    peer: SocketAddr,
+    peer: &'p Peer,
     log: RequestLog,
     emitted: bool,
 }
 
 impl<'p> Record<'p> {
-    fn new(proxy: &'p Proxy, request: &Request<Incoming>, peer: SocketAddr) -> Self {
+    fn new(proxy: &'p Proxy, request: &Request<Incoming>, peer: &'p Peer) -> Self {
         Record {
             proxy,
             started: Instant::now(),
@@ -124,7 +145,7 @@ impl<'p> Record<'p> {
             key_id = log.key_id.as_deref().unwrap_or(""),
             failure = log.failure.unwrap_or(""),
             reason = reason.unwrap_or(""),
-            peer = %self.peer,
+            peer = self.peer.address.as_str(),
             latency_ms = elapsed.as_secs_f64() * 1000.0,
             "request"
         );
@@ -206,19 +227,21 @@ impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
         request: Request<Incoming>,
-        peer: SocketAddr,
+        peer: Arc<Peer>,
     ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
         let arrived = SystemTime::now();
-        let mut record = Record::new(&self, &request, peer);
-        let (response, code, reason) =
-            match self.pipeline(request, peer, arrived, &mut record.log).await {
-                Ok((response, accepted)) => (response, accepted.code(), None),
-                Err(rejection) => (
-                    rejection.to_response(),
-                    rejection.code(),
-                    Some(rejection.message()),
-                ),
-            };
+        let mut record = Record::new(&self, &request, &peer);
+        let (response, code, reason) = match self
+            .pipeline(request, &peer, arrived, &mut record.log)
+            .await
+        {
+            Ok((response, accepted)) => (response, accepted.code(), None),
+            Err(rejection) => (
+                rejection.to_response(),
+                rejection.code(),
+                Some(rejection.message()),
+            ),
+        };
         record.emit(code, response.status().as_u16(), reason.as_deref());
         Ok(response)
     }
@@ -226,7 +249,7 @@ impl Proxy {
     async fn pipeline(
         &self,
         request: Request<Incoming>,
-        peer: SocketAddr,
+        peer: &Peer,
         arrived: SystemTime,
         log: &mut RequestLog,
     ) -> Result<(Response<ProxyBody>, Accepted), Rejection> {
@@ -328,7 +351,7 @@ impl Proxy {
         rejection: Rejection,
         parts: Parts,
         body: Bytes,
-        peer: SocketAddr,
+        peer: &Peer,
         log: &mut RequestLog,
     ) -> Result<(Response<ProxyBody>, Accepted), Rejection> {
         if !rejection.is_reportable() {
@@ -478,7 +501,7 @@ impl Proxy {
         &self,
         mut parts: Parts,
         body: Bytes,
-        peer: SocketAddr,
+        peer: &Peer,
         verification: Option<&RequestLog>,
     ) -> Request<Full<Bytes>> {
         let headers = &mut parts.headers;
@@ -494,15 +517,19 @@ impl Proxy {
             headers.remove(name);
         }
 
-        let mut forwarded_for = String::with_capacity(48);
-        for value in headers.get_all(X_FORWARDED_FOR) {
-            if let Ok(value) = value.to_str() {
-                forwarded_for.push_str(value);
-                forwarded_for.push_str(", ");
+        if headers.contains_key(X_FORWARDED_FOR) {
+            let mut forwarded_for = String::with_capacity(64);
+            for value in headers.get_all(X_FORWARDED_FOR) {
+                if let Ok(value) = value.to_str() {
+                    forwarded_for.push_str(value);
+                    forwarded_for.push_str(", ");
+                }
             }
+            let _ = write!(forwarded_for, "{}", peer.ip);
+            insert(headers, X_FORWARDED_FOR, &forwarded_for);
+        } else {
+            headers.insert(X_FORWARDED_FOR, peer.forwarded_for.clone());
         }
-        let _ = write!(forwarded_for, "{}", peer.ip());
-        insert(headers, X_FORWARDED_FOR, &forwarded_for);
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         match headers.get(header::HOST).cloned() {
             Some(host) => headers.insert(X_FORWARDED_HOST, host),

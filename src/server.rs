@@ -18,7 +18,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
+use crate::proxy::{Peer, Proxy};
 use crate::replay::AnyStore;
 use crate::secrets::{self, SecretStore};
 
@@ -140,7 +140,8 @@ async fn serve_proxy(
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
-        let service = service_fn(move |request| proxy.clone().handle(request, peer));
+        let client = Arc::new(Peer::new(peer));
+        let service = service_fn(move |request| proxy.clone().handle(request, client.clone()));
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(err) = connection.await {

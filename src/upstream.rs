@@ -103,9 +103,13 @@ impl Upstream {
         &self.target
     }
 
-    /// Sends a request whose URI is already in origin form. A request that a reused connection
-    /// refused before writing a byte (the backend closed it while idle) is sent again on another
-    /// connection; once written, it is never sent twice.
+    /// Sends a request whose URI is already in origin form.
+    ///
+    /// A kept-alive connection can be closed by the backend (its idle timeout, a restart) just as
+    /// lfguard picks it: the request then fails before any answer, while the backend never saw
+    /// it or dropped it unanswered. Such a request is sent once more on a new connection rather
+    /// than answered 502, which would delay the callback until Linksfield's retry hours later. A
+    /// backend that did act on the lost request gets it twice, as it would from that retry.
     pub async fn send(
         self: &Arc<Self>,
         mut request: Request<Full<Bytes>>,
@@ -119,10 +123,16 @@ impl Upstream {
             if sender.ready().await.is_err() {
                 continue;
             }
+            let copy = copy_of(&request);
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(self.response(response, sender)),
                 Err(mut err) => match err.take_message() {
                     Some(unsent) => request = unsent,
+                    None if is_connection_lost(err.error()) => {
+                        tracing::debug!(error = %err.error(), "kept-alive backend connection lost; sending once more on a new one");
+                        request = copy;
+                        break;
+                    }
                     None => return Err(exchange_error(err.error())),
                 },
             }
@@ -219,6 +229,31 @@ impl Upstream {
             reuse: Some((self.clone(), sender)),
         })
     }
+}
+
+fn copy_of(request: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+    let mut copy = Request::new(request.body().clone());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// The connection ended (closed or reset by the backend) before any answer arrived.
+fn is_connection_lost(err: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    if err.is_incomplete_message() || err.is_closed() {
+        return true;
+    }
+    std::error::Error::source(err)
+        .and_then(|source| source.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| {
+            matches!(
+                io.kind(),
+                ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof
+            )
+        })
 }
 
 /// hyper's errors say "client error (Connect)" first; the causes say what happened.

@@ -262,6 +262,29 @@ fn a_backend_that_closes_each_connection_after_answering_gets_every_callback() {
 }
 
 #[test]
+fn a_request_lost_with_a_kept_alive_connection_is_sent_once_more_on_a_new_one_only() {
+    // The first callback keeps its connection; from then on the backend resets every connection
+    // as soon as it has read a request.
+    let backend = FakeBackend::start(|index, stream| {
+        if index == 0 {
+            return answer(stream, "{}");
+        }
+        reset(stream);
+        false
+    });
+    let lfguard = start_against(&backend.url(), "");
+    assert!(forwarded(&lfguard.post(&Callback::signed(sms_body()))));
+    let response = lfguard.post(&Callback::signed(sms_body()));
+    assert_eq!(
+        (response.status, response.code().as_str()),
+        (502, "upstream_unavailable")
+    );
+    // Once on the kept-alive connection, once more on a new one, and no further.
+    assert_eq!(backend.bodies().len(), 3);
+    assert_eq!(backend.accepted_connections(), 2);
+}
+
+#[test]
 fn idle_backend_connections_are_closed_after_the_pool_idle_timeout() {
     let backend = FakeBackend::start(|_, stream| answer(stream, "{}"));
     let lfguard = start_against(&backend.url(), "[upstream]\npool_idle_timeout = \"1s\"");
