@@ -128,9 +128,11 @@ nginx_conf backend "    server {
             return 200 '{}';
         }
     }"
+# nginx keeps as many idle upstream connections as there are clients (as lfguard's pool can), so
+# it does not open and close backend connections under load.
 nginx_conf proxy "    upstream backend {
         server 127.0.0.1:$BACKEND_PORT;
-        keepalive 64;
+        keepalive $((CONNECTIONS > 64 ? CONNECTIONS : 64));
     }
     server {
         listen 127.0.0.1:$NGINX_PORT backlog=4096;

@@ -586,14 +586,19 @@ impl Proxy {
     }
 }
 
-/// Headers that `Connection` declares hop-by-hop for this message.
+/// Headers that `Connection` declares hop-by-hop for this message. `keep-alive` and `close`, the
+/// usual values, name no header that is not already dropped.
 fn listed_in_connection(headers: &HeaderMap) -> Vec<HeaderName> {
     headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .map(str::trim)
+        .filter(|name| {
+            !name.eq_ignore_ascii_case("keep-alive") && !name.eq_ignore_ascii_case("close")
+        })
+        .filter_map(|name| HeaderName::try_from(name).ok())
         .collect()
 }
 

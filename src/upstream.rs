@@ -63,6 +63,10 @@ impl UpstreamTarget {
     }
 }
 
+/// Idle time after which a kept-alive connection may have been closed by the backend's own
+/// keep-alive timeout (commonly 2 to 75 seconds); see `Upstream::send`.
+const LONG_IDLE: Duration = Duration::from_secs(1);
+
 /// Why the backend did not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -105,11 +109,13 @@ impl Upstream {
 
     /// Sends a request whose URI is already in origin form.
     ///
-    /// A kept-alive connection can be closed by the backend (its idle timeout, a restart) just as
-    /// lfguard picks it: the request then fails before any answer, while the backend never saw
-    /// it or dropped it unanswered. Such a request is sent once more on a new connection rather
-    /// than answered 502, which would delay the callback until Linksfield's retry hours later. A
-    /// backend that did act on the lost request gets it twice, as it would from that retry.
+    /// A kept-alive connection can be closed by the backend (its keep-alive timeout, a restart)
+    /// just as lfguard picks it: the request then fails before any answer, the backend having
+    /// dropped it unanswered. On a connection idle for `LONG_IDLE` or more (where backends' idle
+    /// timeouts fall) such a request is sent once more on a new connection rather than answered
+    /// 502, which would delay the callback until Linksfield's retry hours later; a backend that
+    /// did act on it gets it twice, as it would from that retry. Busy connections, reused within
+    /// moments, skip the copy this needs.
     pub async fn send(
         self: &Arc<Self>,
         mut request: Request<Full<Bytes>>,
@@ -119,21 +125,21 @@ impl Upstream {
                 .expect("an authority is a valid header value");
             request.headers_mut().insert(header::HOST, host);
         }
-        while let Some(mut sender) = self.checkout() {
+        while let Some((mut sender, idle_for)) = self.checkout() {
             if sender.ready().await.is_err() {
                 continue;
             }
-            let copy = copy_of(&request);
+            let copy = (idle_for >= LONG_IDLE).then(|| copy_of(&request));
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(self.response(response, sender)),
-                Err(mut err) => match err.take_message() {
-                    Some(unsent) => request = unsent,
-                    None if is_connection_lost(err.error()) => {
-                        tracing::debug!(error = %err.error(), "kept-alive backend connection lost; sending once more on a new one");
+                Err(mut err) => match (err.take_message(), copy) {
+                    (Some(unsent), _) => request = unsent,
+                    (None, Some(copy)) if is_connection_lost(err.error()) => {
+                        tracing::info!(error = %err.error(), "a kept-alive backend connection was lost; sending once more on a new one");
                         request = copy;
                         break;
                     }
-                    None => return Err(exchange_error(err.error())),
+                    (None, _) => return Err(exchange_error(err.error())),
                 },
             }
         }
@@ -163,11 +169,13 @@ impl Upstream {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn checkout(&self) -> Option<SendRequest<Full<Bytes>>> {
+    /// The most recently used open connection and how long it has been idle.
+    fn checkout(&self) -> Option<(SendRequest<Full<Bytes>>, Duration)> {
         let mut idle = self.idle_connections();
         while let Some(connection) = idle.pop() {
-            if !connection.sender.is_closed() && connection.since.elapsed() < self.idle_timeout {
-                return Some(connection.sender);
+            let idle_for = connection.since.elapsed();
+            if !connection.sender.is_closed() && idle_for < self.idle_timeout {
+                return Some((connection.sender, idle_for));
             }
         }
         None
