@@ -47,6 +47,16 @@ impl UpstreamTarget {
         })
     }
 
+    /// Host and port to connect to: the host without the brackets of an IPv6 literal.
+    fn socket_host(&self) -> (&str, u16) {
+        let host = self.authority.host();
+        let host = host
+            .strip_prefix('[')
+            .and_then(|inner| inner.strip_suffix(']'))
+            .unwrap_or(host);
+        (host, self.authority.port_u16().unwrap_or(80))
+    }
+
     /// The origin-form request target on the backend: the base path, then the request's own
     /// path and query.
     pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
@@ -196,23 +206,22 @@ impl Upstream {
 
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, UpstreamError> {
         let authority = &self.target.authority;
-        let addr = (authority.host(), authority.port_u16().unwrap_or(80));
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-                Err(_elapsed) => {
-                    return Err(UpstreamError::ConnectTimeout {
-                        authority: authority.to_string(),
-                        after: self.connect_timeout,
-                    });
-                }
-                Ok(Err(err)) => {
-                    return Err(UpstreamError::Connect {
-                        authority: authority.to_string(),
-                        reason: err.to_string(),
-                    });
-                }
-                Ok(Ok(stream)) => stream,
-            };
+        let connecting = TcpStream::connect(self.target.socket_host());
+        let stream = match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Err(_elapsed) => {
+                return Err(UpstreamError::ConnectTimeout {
+                    authority: authority.to_string(),
+                    after: self.connect_timeout,
+                });
+            }
+            Ok(Err(err)) => {
+                return Err(UpstreamError::Connect {
+                    authority: authority.to_string(),
+                    reason: err.to_string(),
+                });
+            }
+            Ok(Ok(stream)) => stream,
+        };
         // Requests and answers are small and written whole; do not wait to coalesce them.
         let _ = stream.set_nodelay(true);
         let (sender, connection) = http1::Builder::new()
@@ -340,5 +349,13 @@ mod tests {
         assert!(UpstreamTarget::parse("https://example.com").is_err());
         assert!(UpstreamTarget::parse("127.0.0.1:80").is_err());
         assert!(UpstreamTarget::parse("http://127.0.0.1:80/?q=1").is_err());
+        let socket = |url: &str| {
+            let target = UpstreamTarget::parse(url).unwrap();
+            let (host, port) = target.socket_host();
+            (host.to_string(), port)
+        };
+        assert_eq!(socket("http://[::1]:8081"), ("::1".to_string(), 8081));
+        assert_eq!(socket("http://backend"), ("backend".to_string(), 80));
+        assert_eq!(socket("http://127.0.0.1:9"), ("127.0.0.1".to_string(), 9));
     }
 }

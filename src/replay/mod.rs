@@ -155,27 +155,25 @@ impl AnyStore {
     }
 }
 
-/// Redis futures are large and boxed here, so the request future that awaits the store stays small
-/// (it is moved into hyper's dispatcher for every request) when the memory store is used.
 impl Store for AnyStore {
     async fn claim(&self, key: &Key, in_flight: Duration) -> Result<Claim, StoreError> {
         match self {
             AnyStore::Memory(store) => store.claim(key, in_flight).await,
-            AnyStore::Redis(store) => Box::pin(store.claim(key, in_flight)).await,
+            AnyStore::Redis(store) => store.claim(key, in_flight).await,
         }
     }
 
     async fn settle(&self, key: &Key, token: &Token, window: Duration) -> Result<(), StoreError> {
         match self {
             AnyStore::Memory(store) => store.settle(key, token, window).await,
-            AnyStore::Redis(store) => Box::pin(store.settle(key, token, window)).await,
+            AnyStore::Redis(store) => store.settle(key, token, window).await,
         }
     }
 
     async fn release(&self, key: &Key, token: &Token) -> Result<(), StoreError> {
         match self {
             AnyStore::Memory(store) => store.release(key, token).await,
-            AnyStore::Redis(store) => Box::pin(store.release(key, token)).await,
+            AnyStore::Redis(store) => store.release(key, token).await,
         }
     }
 
