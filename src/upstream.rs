@@ -160,10 +160,10 @@ impl Upstream {
         }
     }
 
-    /// Closes connections idle for longer than `upstream.pool_idle_timeout`; runs until the
-    /// process ends.
+    /// Closes connections idle for longer than `upstream.pool_idle_timeout`, checking every
+    /// second; runs until the process ends.
     pub async fn close_idle_connections(self: Arc<Self>) {
-        let mut every = tokio::time::interval(self.idle_timeout.max(Duration::from_secs(1)));
+        let mut every = tokio::time::interval(Duration::from_secs(1));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;
