@@ -10,7 +10,7 @@
 
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -37,8 +37,10 @@ pub fn init(config: &LogConfig) {
             .with(filter)
             .with(JsonLayer::new(append))
             .try_init(),
+        // Colours only for a terminal: escape codes would end up in a log collector's lines.
         LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_ansi(std::io::stdout().is_terminal())
             .with_writer(Buffered)
             .finish()
             .try_init(),

@@ -449,3 +449,78 @@ fn slow_headers_are_cut_off_while_others_are_served() {
     );
     assert_eq!(backend.count(), 1);
 }
+
+/// `log.format = "text"` goes through the same buffered stdout as JSON: each line must still
+/// come out while lfguard is idle, everything before it exits, and without terminal colours when
+/// stdout is not a terminal.
+#[test]
+fn text_logs_come_out_while_idle_and_at_exit_without_colours() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let backend = Backend::start();
+    let mut config = base_config(&backend.url());
+    merge(&mut config, "[log]\nformat = \"text\"");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lfguard.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    /// Kills lfguard if the test fails, so that it does not outlive the test.
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Running(
+        Command::new(binary())
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id().to_string();
+    let stdout = child.0.stdout.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = line_tx.send(line);
+        }
+    });
+    let mut next_line_with = |needle: &str| loop {
+        let Ok(line) = line_rx.recv_timeout(Duration::from_secs(20)) else {
+            panic!("no line with {needle} came out");
+        };
+        assert!(!line.contains('\u{1b}'), "terminal escape codes: {line:?}");
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&line).is_err(),
+            "a JSON line in text format: {line}"
+        );
+        if line.contains(needle) {
+            return line;
+        }
+    };
+    let listening = next_line_with("listener=\"proxy\"");
+    let addr: std::net::SocketAddr = listening
+        .split("addr=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    next_line_with("ready");
+
+    // One request while lfguard is otherwise idle: its line arrives without further traffic.
+    let callback = Callback::signed(sms_body());
+    assert_eq!(callback.send(addr).status, 200);
+    let line = next_line_with(" request ");
+    assert!(line.contains("code=\"forwarded\""), "{line}");
+    assert!(line.contains("INFO"), "{line}");
+
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    next_line_with("stopped");
+    assert_eq!(child.0.wait().unwrap().code(), Some(0));
+}
