@@ -489,7 +489,7 @@ fn text_logs_come_out_while_idle_and_at_exit_without_colours() {
             let _ = line_tx.send(line);
         }
     });
-    let mut next_line_with = |needle: &str| loop {
+    let next_line_with = |needle: &str| loop {
         let Ok(line) = line_rx.recv_timeout(Duration::from_secs(20)) else {
             panic!("no line with {needle} came out");
         };
