@@ -9,6 +9,7 @@ pub mod config;
 pub mod diagnose;
 pub mod error;
 pub mod freshness;
+pub mod json_text;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;

@@ -22,6 +22,7 @@ use tracing_subscriber::layer::{Context, Layer, SubscriberExt as _};
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::{LogConfig, LogFormat};
+use crate::json_text;
 
 /// Buffered lines are written once this much has gathered, whatever the runtime is doing.
 const FLUSH_AT: usize = 16 * 1024;
@@ -257,32 +258,29 @@ fn push_json_str(line: &mut String, value: &str) {
 struct JsonEscaped<'l>(&'l mut String);
 
 impl fmt::Write for JsonEscaped<'_> {
-    fn write_str(&mut self, text: &str) -> fmt::Result {
-        let mut plain_from = 0;
-        for (at, byte) in text.bytes().enumerate() {
-            let escape = match byte {
-                b'"' => "\\\"",
-                b'\\' => "\\\\",
-                b'\n' => "\\n",
-                b'\r' => "\\r",
-                b'\t' => "\\t",
-                0x00..=0x1f => "",
-                _ => continue,
+    fn write_str(&mut self, mut text: &str) -> fmt::Result {
+        loop {
+            let plain = json_text::plain_prefix_len(text.as_bytes());
+            self.0.push_str(&text[..plain]);
+            let Some(&byte) = text.as_bytes().get(plain) else {
+                return Ok(());
             };
-            self.0.push_str(&text[plain_from..at]);
-            if escape.is_empty() {
-                self.0.push_str("\\u00");
-                self.0
-                    .push(char::from(b"0123456789abcdef"[usize::from(byte >> 4)]));
-                self.0
-                    .push(char::from(b"0123456789abcdef"[usize::from(byte & 0xf)]));
-            } else {
-                self.0.push_str(escape);
+            match byte {
+                b'"' => self.0.push_str("\\\""),
+                b'\\' => self.0.push_str("\\\\"),
+                b'\n' => self.0.push_str("\\n"),
+                b'\r' => self.0.push_str("\\r"),
+                b'\t' => self.0.push_str("\\t"),
+                _ => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    self.0.push_str("\\u00");
+                    self.0.push(char::from(HEX[usize::from(byte >> 4)]));
+                    self.0.push(char::from(HEX[usize::from(byte & 0xf)]));
+                }
             }
-            plain_from = at + 1;
+            // The byte escaped is ASCII, so the rest starts on a character boundary.
+            text = &text[plain + 1..];
         }
-        self.0.push_str(&text[plain_from..]);
-        Ok(())
     }
 }
 
@@ -367,6 +365,14 @@ mod tests {
     proptest! {
         #[test]
         fn any_string_survives_escaping(text in any::<String>()) {
+            let mut out = String::new();
+            push_json_str(&mut out, &text);
+            let read: String = serde_json::from_str(&out).unwrap();
+            prop_assert_eq!(read, text);
+        }
+
+        #[test]
+        fn strings_dense_in_escapes_survive(text in "[\"\\\\\\x00-\\x1f a-z\\x7f\u{e9}\u{1f600}]{0,40}") {
             let mut out = String::new();
             push_json_str(&mut out, &text);
             let read: String = serde_json::from_str(&out).unwrap();

@@ -505,17 +505,8 @@ impl Proxy {
         verification: Option<&RequestLog>,
     ) -> Request<Full<Bytes>> {
         let headers = &mut parts.headers;
-        for name in listed_in_connection(headers).iter().chain(&HOP_BY_HOP) {
-            headers.remove(name);
-        }
-        let spoofed: Vec<HeaderName> = headers
-            .keys()
-            .filter(|name| name.as_str().starts_with(OWN_HEADER_PREFIX))
-            .cloned()
-            .collect();
-        for name in spoofed {
-            headers.remove(name);
-        }
+        // A client must not pass off its own x-lfguard-* headers as lfguard's verdict.
+        strip_hop_by_hop(headers, |name| name.as_str().starts_with(OWN_HEADER_PREFIX));
 
         if headers.contains_key(X_FORWARDED_FOR) {
             let mut forwarded_for = String::with_capacity(64);
@@ -579,7 +570,7 @@ impl Proxy {
             Ok(Ok(response)) => response,
         };
         let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
+        strip_hop_by_hop(&mut parts.headers, |_| false);
         // lfguard speaks HTTP/1.1 to its client whatever the backend spoke.
         parts.version = Version::HTTP_11;
         Ok(Response::from_parts(parts, body.boxed()))
@@ -602,9 +593,20 @@ fn listed_in_connection(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed = listed_in_connection(headers);
-    for name in HOP_BY_HOP.iter().chain(&listed) {
+/// Removes the hop-by-hop headers and those `also` names. One pass over the names a message has
+/// (usually none or one to remove) rather than a lookup for each name that could be there.
+fn strip_hop_by_hop(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
+    let listed = if headers.contains_key(header::CONNECTION) {
+        listed_in_connection(headers)
+    } else {
+        Vec::new()
+    };
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| HOP_BY_HOP.contains(name) || listed.contains(name) || also(name))
+        .cloned()
+        .collect();
+    for name in doomed {
         headers.remove(name);
     }
 }

@@ -13,6 +13,8 @@ use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
+use crate::json_text;
+
 /// Deeper nesting than this is refused; no Linksfield callback comes close, and the bound keeps
 /// the recursive reader's stack use small for hostile input.
 pub const MAX_DEPTH: usize = 64;
@@ -566,6 +568,7 @@ impl<'a> JsonReader<'a> {
         let mut owned: Option<String> = None;
         let mut run_start = start;
         loop {
+            self.pos += json_text::plain_prefix_len(&self.bytes[self.pos..]);
             let Some(byte) = self.peek() else {
                 return Err(malformed("unterminated string"));
             };
@@ -589,13 +592,12 @@ impl<'a> JsonReader<'a> {
                     s.push(decoded);
                     run_start = self.pos;
                 }
-                0x00..=0x1f => {
+                _ => {
                     return Err(malformed(format!(
                         "unescaped control character in string at byte {}",
                         self.pos
                     )));
                 }
-                _ => self.pos += 1,
             }
         }
     }
