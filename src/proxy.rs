@@ -19,6 +19,7 @@ use crate::config::{Config, OnDuplicate, VerifyMode};
 use crate::diagnose;
 use crate::error::Rejection;
 use crate::freshness::{self, Staleness};
+use crate::logging::RequestLine;
 use crate::metrics::Metrics;
 use crate::replay::{self, AnyStore, Claim, ClaimGuard, Store};
 use crate::secrets::{SecretStore, is_partner_code};
@@ -134,21 +135,20 @@ impl<'p> Record<'p> {
             elapsed,
             log.upstream_seconds,
         );
-        tracing::info!(
-            target: "lfguard::request",
+        RequestLine {
             code,
             status,
-            method = self.method.as_str(),
-            path = self.uri.path(),
-            partner = log.partner.as_deref().unwrap_or(""),
-            delivery_id = log.delivery_id.as_deref().unwrap_or(""),
-            key_id = log.key_id.as_deref().unwrap_or(""),
-            failure = log.failure.unwrap_or(""),
-            reason = reason.unwrap_or(""),
-            peer = self.peer.address.as_str(),
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-            "request"
-        );
+            method: self.method.as_str(),
+            path: self.uri.path(),
+            partner: log.partner.as_deref().unwrap_or(""),
+            delivery_id: log.delivery_id.as_deref().unwrap_or(""),
+            key_id: log.key_id.as_deref().unwrap_or(""),
+            failure: log.failure.unwrap_or(""),
+            reason: reason.unwrap_or(""),
+            peer: self.peer.address.as_str(),
+            latency_ms: elapsed.as_secs_f64() * 1000.0,
+        }
+        .emit();
     }
 }
 
