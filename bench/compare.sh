@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Throughput and latency of lfguard against a plain nginx reverse proxy and against the backend
-# alone, on loopback only.
+# Throughput and latency of lfguard against a plain nginx reverse proxy, a bare hyper proxy and
+# the backend alone, on loopback only.
 #
-#   bench/compare.sh                       # 3 rounds x 10 s x 3 targets, 64 connections
+#   bench/compare.sh                       # 3 rounds x 10 s x 4 targets, 64 connections
 #   DURATION=5s ROUNDS=1 bench/compare.sh  # quicker
 #
 # Environment: DURATION (per target and round, default 10s), ROUNDS (3), CONNECTIONS (64),
@@ -11,12 +11,15 @@
 # STARTS (start-to-ready samples, 5), KEEP_TMP=1 keeps the temporary directory.
 #
 # What runs: (a) nginx answering `return 200 '{}'` (the backend), (b) nginx as a plain
-# proxy_pass reverse proxy in front of it, (c) lfguard in front of the same backend with
-# verification and replay protection on. Both proxies get one worker (nginx worker_processes 1,
-# lfguard server.worker_threads = 1). Every round runs direct -> nginx -> lfguard with wrk and the
-# same pre-signed, distinct requests (the backend and nginx ignore the signature headers). A body
-# is never sent twice to lfguard: each round has its own pool, each wrk thread its own share of it,
-# and lfguard's /metrics must show zero duplicates, otherwise the round is flagged.
+# proxy_pass reverse proxy in front of it, (c) the "hyper floor" (examples/hyper_floor.rs): the same
+# hyper server and lfguard upstream pool on one current-thread worker, with no verification, replay
+# claim, log line or metrics, so floor vs nginx is what the HTTP stack costs and lfguard vs floor
+# what lfguard's own work costs, (d) lfguard in front of the same backend with verification and
+# replay protection on. All three proxies get one worker (nginx worker_processes 1, lfguard
+# server.worker_threads = 1). Every round runs direct -> nginx -> floor -> lfguard with wrk and the
+# same pre-signed, distinct requests (the backend, nginx and the floor ignore the signature
+# headers). A body is never sent twice to lfguard: each round has its own pool, each wrk thread its
+# own share of it, and lfguard's /metrics must show zero duplicates, otherwise the round is flagged.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -59,9 +62,10 @@ if ((${#need[@]})); then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-log "building lfguard (release)"
-(cd "$root" && cargo build --release --quiet)
+log "building lfguard and the hyper floor (release)"
+(cd "$root" && cargo build --release --quiet --bin lfguard --example hyper_floor)
 LFGUARD=$root/target/release/lfguard
+FLOOR=$root/target/release/examples/hyper_floor
 
 # --- processes and cleanup ------------------------------------------------------------------------
 tmp=$(mktemp -d /tmp/lfguard-compare.XXXXXX)
@@ -79,9 +83,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-read -r BACKEND_PORT NGINX_PORT LF_PORT ADMIN_PORT < <(python3 -c '
+read -r BACKEND_PORT NGINX_PORT FLOOR_PORT LF_PORT ADMIN_PORT < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(4)]
+socks = [socket.socket() for _ in range(5)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])')
 
@@ -176,6 +180,9 @@ wait_port "$BACKEND_PORT" "nginx backend"
 "$NGINX" -e "$tmp/proxy/error.log" -p "$tmp/proxy" -c "$tmp/proxy/nginx.conf" &
 pids+=($!)
 wait_port "$NGINX_PORT" "nginx proxy"
+"$FLOOR" "127.0.0.1:$FLOOR_PORT" "http://127.0.0.1:$BACKEND_PORT" >"$tmp/floor.log" 2>&1 &
+pids+=($!)
+wait_port "$FLOOR_PORT" "hyper floor"
 
 # --- lfguard start-to-ready ---------------------------------------------------------------------
 log "measuring lfguard start-to-ready ($STARTS starts)"
@@ -299,9 +306,10 @@ EOF
 declare -A URL=(
     [direct]="http://127.0.0.1:$BACKEND_PORT"
     [nginx]="http://127.0.0.1:$NGINX_PORT"
+    [floor]="http://127.0.0.1:$FLOOR_PORT"
     [lfguard]="http://127.0.0.1:$LF_PORT"
 )
-TARGETS=(direct nginx lfguard)
+TARGETS=(direct nginx floor lfguard)
 results=$tmp/results.tsv
 : >"$results"
 problems=()
@@ -366,18 +374,21 @@ done
 # --- report ----------------------------------------------------------------------------------------
 cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
 echo
-echo "## lfguard vs nginx vs direct ($(date -u +%Y-%m-%dT%H:%MZ))"
+echo "## lfguard vs nginx vs hyper floor vs direct ($(date -u +%Y-%m-%dT%H:%MZ))"
 echo
 echo "Machine: $(nproc) CPUs, ${cpu:-unknown CPU}, $(awk '/^MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM;" \
     "wrk $(wrk -v 2>&1 | awk 'NR==1 {print $2}'), nginx $("$NGINX" -v 2>&1 | sed 's|.*/||')."
-echo "Load: wrk -t$WRK_THREADS -c$CONNECTIONS -d${DUR_S}s --latency, $ROUNDS interleaved rounds (direct -> nginx -> lfguard)," \
+echo "Load: wrk -t$WRK_THREADS -c$CONNECTIONS -d${DUR_S}s --latency, $ROUNDS interleaved rounds (direct -> nginx -> floor -> lfguard)," \
     "POST /callback with distinct pre-signed SMS callbacks ($POOL per round; lfguard never gets a body twice," \
-    "the faster direct runs may cycle through the pool, which the backend cannot tell)."
-echo "Both proxies run one worker (nginx worker_processes 1, lfguard server.worker_threads = 1); the backend is nginx" \
-    "(1 worker, return 200 '{}'); upstream keep-alive pools on both. lfguard verifies signatures and claims replay keys" \
-    "(memory store, default capacity 50000) and logs one JSON event per request (default level info, to a file);" \
-    "nginx runs with access_log off."
-echo "All processes (wrk, backend, proxy) share the machine's $(nproc) cores."
+    "the faster runs through direct, nginx and the floor may cycle through the pool, which they cannot tell)."
+echo "The hyper floor (examples/hyper_floor.rs) is lfguard's HTTP stack alone: the same hyper server and upstream pool" \
+    "on one current-thread worker, with no verification, replay claim, log line or metrics. floor / nginx is what the" \
+    "HTTP stack costs against nginx; lfguard / floor is what lfguard's own per-request work costs."
+echo "All three proxies run one worker (nginx worker_processes 1, the floor's current-thread runtime, lfguard" \
+    "server.worker_threads = 1); the backend is nginx (1 worker, return 200 '{}'); upstream keep-alive pools on all three." \
+    "lfguard verifies signatures and claims replay keys (memory store, default capacity 50000) and logs one JSON event" \
+    "per request (default level info, to a file); nginx runs with access_log off."
+echo "All processes (wrk, backend, proxies) share the machine's $(nproc) cores."
 echo
 python3 - "$results" "$PEAK_RSS_KB" "$IDLE_RSS_KB" "$END_RSS_KB" "$READY_MS" "$READYZ_MS" "${REPLAY_ENTRIES:-?}" <<'EOF'
 import statistics, sys
@@ -387,17 +398,18 @@ ready, readyz, entries = sys.argv[5], sys.argv[6], sys.argv[7]
 med = {}
 print("| target | req/s (median) | p99 ms (median) | req/s per round | p99 ms per round |")
 print("|---|---:|---:|---|---|")
-for target in ["direct", "nginx", "lfguard"]:
+labels = {"floor": "hyper floor"}
+for target in ["direct", "nginx", "floor", "lfguard"]:
     rps = [float(r[2]) for r in rows if r[1] == target]
     p99 = [float(r[3]) for r in rows if r[1] == target]
     med[target] = (statistics.median(rps), statistics.median(p99))
-    print(f"| {target} | {med[target][0]:,.0f} | {med[target][1]:.2f} | "
+    print(f"| {labels.get(target, target)} | {med[target][0]:,.0f} | {med[target][1]:.2f} | "
           f"{', '.join(f'{v:,.0f}' for v in rps)} | {', '.join(f'{v:.2f}' for v in p99)} |")
 print()
 print("| ratio | throughput | p99 |")
 print("|---|---:|---:|")
-for other in ["nginx", "direct"]:
-    print(f"| lfguard / {other} | {med['lfguard'][0] / med[other][0]:.2f} | {med['lfguard'][1] / med[other][1]:.2f} |")
+for a, b in [("lfguard", "nginx"), ("lfguard", "floor"), ("floor", "nginx"), ("lfguard", "direct")]:
+    print(f"| {a} / {b} | {med[a][0] / med[b][0]:.2f} | {med[a][1] / med[b][1]:.2f} |")
 print()
 print("| lfguard | value |")
 print("|---|---:|")
