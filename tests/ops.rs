@@ -524,3 +524,29 @@ fn text_logs_come_out_while_idle_and_at_exit_without_colours() {
     next_line_with("stopped");
     assert_eq!(child.0.wait().unwrap().code(), Some(0));
 }
+
+/// The request line is written without a `tracing` event when logs are JSON; the log filter must
+/// still decide whether it is written.
+#[test]
+fn the_log_filter_can_turn_request_lines_off() {
+    let backend = Backend::start();
+    let mut lfguard = Lfguard::start_with(
+        base_config(&backend.url()),
+        &[("RUST_LOG", "info,lfguard::request=off")],
+    );
+    let callback = Callback::signed(sms_body());
+    assert_eq!(lfguard.post(&callback).status, 200);
+    assert_eq!(backend.count(), 1);
+    lfguard.signal("TERM");
+    lfguard.wait_for_log(|event| event["message"] == "stopped");
+    assert_eq!(lfguard.wait_exit(), Some(0));
+    let events = lfguard.events();
+    assert!(
+        events.iter().any(|event| event["message"] == "ready"),
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(|event| event["message"] == "request"),
+        "{events:?}"
+    );
+}
