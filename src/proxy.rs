@@ -26,8 +26,9 @@ use crate::secrets::{SecretStore, is_partner_code};
 use crate::signature::{self, Body, Value};
 use crate::upstream::Upstream;
 
-const SIGNATURE_HEADER: &str = "x-lf-md5";
-const DELIVERY_HEADER: &str = "x-lf-delivery";
+// Header names as `HeaderName`s: looking one up by `&str` parses and validates it every time.
+const SIGNATURE_HEADER: HeaderName = HeaderName::from_static("x-lf-md5");
+const DELIVERY_HEADER: HeaderName = HeaderName::from_static("x-lf-delivery");
 const OWN_HEADER_PREFIX: &str = "x-lfguard-";
 const MAX_DELIVERY_ID_LEN: usize = 128;
 

@@ -360,7 +360,9 @@ impl<'a> JsonReader<'a> {
             Some(_) => return Err(malformed("body is not a JSON object")),
         }
         self.pos += 1;
-        let mut members = Vec::new();
+        // Callbacks have a handful of members (the SMS uplink six): one allocation, not one per
+        // doubling.
+        let mut members = Vec::with_capacity(16);
         self.skip_ws();
         if self.peek() == Some(b'}') {
             self.pos += 1;
