@@ -597,11 +597,7 @@ fn listed_in_connection(headers: &HeaderMap) -> Vec<HeaderName> {
 /// Removes the hop-by-hop headers and those `also` names. One pass over the names a message has
 /// (usually none or one to remove) rather than a lookup for each name that could be there.
 fn strip_hop_by_hop(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
-    let listed = if headers.contains_key(header::CONNECTION) {
-        listed_in_connection(headers)
-    } else {
-        Vec::new()
-    };
+    let listed = listed_in_connection(headers);
     let doomed: Vec<HeaderName> = headers
         .keys()
         .filter(|name| HOP_BY_HOP.contains(name) || listed.contains(name) || also(name))
