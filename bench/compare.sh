@@ -24,14 +24,9 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/.." && pwd)
+# shellcheck source=bench/common.sh
+source "$here/common.sh"
 
-secs() { # 10 | 10s | 2m -> seconds
-    case $1 in
-    *m) echo $((${1%m} * 60)) ;;
-    *s) echo "${1%s}" ;;
-    *) echo "$1" ;;
-    esac
-}
 DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
@@ -50,17 +45,7 @@ unset RUST_LOG
 log() { printf '[compare] %s\n' "$*" >&2; }
 
 # --- tools -------------------------------------------------------------------------------------
-need=()
-command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need+=(nginx-light)
-command -v wrk >/dev/null || need+=(wrk)
-command -v python3 >/dev/null || need+=(python3)
-if ((${#need[@]})); then
-    log "installing ${need[*]} with apt-get"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-    # The Debian package may start a system nginx on :80; this script does not use it.
-fi
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+install_missing nginx=nginx-light wrk=wrk python3=python3
 
 log "building lfguard and the hyper floor (release)"
 (cd "$root" && cargo build --release --quiet --bin lfguard --example hyper_floor)
@@ -68,26 +53,9 @@ LFGUARD=$root/target/release/lfguard
 FLOOR=$root/target/release/examples/hyper_floor
 
 # --- processes and cleanup ------------------------------------------------------------------------
-tmp=$(mktemp -d /tmp/lfguard-compare.XXXXXX)
-pids=()
-cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ ${KEEP_TMP:-0} == 1 ]]; then log "kept $tmp"; else rm -rf "$tmp"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+start_tmp compare
 
-read -r BACKEND_PORT NGINX_PORT FLOOR_PORT LF_PORT ADMIN_PORT < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(5)]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in socks])')
+read -r BACKEND_PORT NGINX_PORT FLOOR_PORT LF_PORT ADMIN_PORT < <(free_ports 5)
 
 wait_port() { # port, what
     for _ in $(seq 1 200); do
@@ -172,7 +140,7 @@ level = "info"
 secrets = ["$SECRET"]
 EOF
 
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+raise_fd_limit 1048576
 
 "$NGINX" -e "$tmp/backend/error.log" -p "$tmp/backend" -c "$tmp/backend/nginx.conf" &
 pids+=($!)

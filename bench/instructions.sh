@@ -24,6 +24,8 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/.." && pwd)
+# shellcheck source=bench/common.sh
+source "$here/common.sh"
 
 N1=${N1:-2000}
 N2=${N2:-12000}
@@ -44,18 +46,7 @@ done
 ((N2 > N1)) || die "N2 ($N2) must be larger than N1 ($N1)"
 
 # --- tools -------------------------------------------------------------------------------------
-need=()
-command -v valgrind >/dev/null || need+=(valgrind)
-command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need+=(nginx-light)
-command -v python3 >/dev/null || need+=(python3)
-command -v curl >/dev/null || need+=(curl)
-if ((${#need[@]})); then
-    log "installing ${need[*]} with apt-get"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-    # The Debian package may start a system nginx on :80; this script does not use it.
-fi
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+install_missing valgrind=valgrind nginx=nginx-light python3=python3 curl=curl
 
 log "building lfguard and examples/hyper_floor (release)"
 (cd "$root" && cargo build --release --quiet --bin lfguard --example hyper_floor)
@@ -63,34 +54,10 @@ LFGUARD=$root/target/release/lfguard
 HYPER_FLOOR=$root/target/release/examples/hyper_floor
 
 # --- processes and cleanup ------------------------------------------------------------------------
-tmp=$(mktemp -d /tmp/lfguard-instructions.XXXXXX)
-pids=()
-cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ ${KEEP_TMP:-0} == 1 ]]; then log "kept $tmp"; else rm -rf "$tmp"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+start_tmp instructions
 
 # Enough descriptors for nginx's worker_connections; valgrind keeps a few of the top ones.
-hard=$(ulimit -Hn)
-want=65536
-[[ $hard == unlimited ]] || ((hard >= want)) || want=$hard
-ulimit -n "$want" 2>/dev/null || true
-
-free_ports() { # count -> that many free loopback ports, space-separated
-    python3 -c '
-import socket, sys
-socks = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in socks])' "$1"
-}
+raise_fd_limit 65536
 
 nginx_conf() { # dir, main-context directives, body of the http block
     mkdir -p "$1"

@@ -32,14 +32,9 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/.." && pwd)
+# shellcheck source=bench/common.sh
+source "$here/common.sh"
 
-secs() {
-    case $1 in
-    *m) echo $((${1%m} * 60)) ;;
-    *s) echo "${1%s}" ;;
-    *) echo "$1" ;;
-    esac
-}
 DURATION=${DURATION:-60s}
 CONNECTIONS=${CONNECTIONS:-1000}
 WRK_THREADS=${WRK_THREADS:-2}
@@ -55,48 +50,19 @@ unset RUST_LOG
 
 log() { printf '[soak] %s\n' "$*" >&2; }
 
-need=()
-command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need+=(nginx-light)
-command -v wrk >/dev/null || need+=(wrk)
-command -v python3 >/dev/null || need+=(python3)
-if ((${#need[@]})); then
-    log "installing ${need[*]} with apt-get"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+install_missing nginx=nginx-light wrk=wrk python3=python3
 
 # 1,000 client sockets, 1,000 accepted ones and up to 1,000 upstream ones, plus nginx's.
-hard=$(ulimit -Hn)
-want=65536
-[[ $hard == unlimited ]] || ((hard >= want)) || want=$hard
-ulimit -n "$want"
-((want >= CONNECTIONS * 3 + 256)) || { log "ulimit -n is only $want"; exit 1; }
+raise_fd_limit 65536
+(($(ulimit -n) >= CONNECTIONS * 3 + 256)) || { log "ulimit -n is only $(ulimit -n)"; exit 1; }
 
 log "building lfguard (release)"
 (cd "$root" && cargo build --release --quiet)
 LFGUARD=$root/target/release/lfguard
 
-tmp=$(mktemp -d /tmp/lfguard-soak.XXXXXX)
-pids=()
-cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ ${KEEP_TMP:-0} == 1 ]]; then log "kept $tmp"; else rm -rf "$tmp"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+start_tmp soak
 
-read -r BACKEND_PORT LF_PORT ADMIN_PORT < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(3)]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in socks])')
+read -r BACKEND_PORT LF_PORT ADMIN_PORT < <(free_ports 3)
 
 wait_port() {
     for _ in $(seq 1 200); do
