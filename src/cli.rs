@@ -263,6 +263,11 @@ pub fn verify(args: &VerifyArgs) -> Result<bool, String> {
             signature::string_to_sign(&canonical, &mask(&secret))
         );
     }
+    // lfguard refuses such a body whatever its signature, so `verify` does too.
+    if let Err(why) = crate::ambiguity::check(&body, settings.nested) {
+        println!("invalid: ambiguous body: {why}");
+        return Ok(false);
+    }
     let header = args.signature.trim().as_bytes();
     if let Some(claimed) = signature::decode_header(header, settings.encoding)
         && claimed.matches(&signature::Prepared::new(&canonical).digest(&secret))

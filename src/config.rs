@@ -10,6 +10,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::schema::Schema;
 use crate::signature::{Encoding, NestedValues, NullValues};
 
 /// Environment variable naming the config file when `--config` is not given.
@@ -24,6 +25,8 @@ pub struct Config {
     pub replay: ReplayConfig,
     pub log: LogConfig,
     pub routes: Vec<RouteConfig>,
+    /// Member schemas by name, chosen per route with `schema = "NAME"`.
+    pub schemas: BTreeMap<String, Schema>,
     /// A directory with one file per partner code, one secret a line (a mounted Secret).
     pub partners_dir: Option<PathBuf>,
     /// How often `partners_dir` and `secret_files` are re-read for changes (SIGHUP reloads too).
@@ -41,6 +44,7 @@ impl Default for Config {
             replay: ReplayConfig::default(),
             log: LogConfig::default(),
             routes: Vec::new(),
+            schemas: BTreeMap::new(),
             partners_dir: None,
             reload_interval: Duration::from_secs(10),
             partners: BTreeMap::new(),
@@ -140,6 +144,12 @@ pub struct VerifyConfig {
     pub nested_values: NestedValues,
     pub require_delivery_id: bool,
     pub timestamp_fields: Vec<String>,
+    /// Refuse (400 `missing_timestamp`) a body with none of `timestamp_fields`: without one, a
+    /// capture replays once `replay.window` has passed. Overridable per partner and route.
+    pub require_timestamp: bool,
+    /// Accept `application/x-www-form-urlencoded` bodies. Linksfield sends JSON, and a form
+    /// re-encoding of a JSON callback verifies under its signature. Overridable per route.
+    pub accept_form: bool,
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
     #[serde(with = "humantime_serde")]
@@ -155,6 +165,8 @@ impl Default for VerifyConfig {
             nested_values: NestedValues::AsWritten,
             require_delivery_id: true,
             timestamp_fields: vec!["received_at".into()],
+            require_timestamp: true,
+            accept_form: false,
             max_age: Duration::from_secs(24 * 3600),
             max_skew: Duration::from_secs(5 * 60),
         }
@@ -229,12 +241,26 @@ impl Default for LogConfig {
     }
 }
 
-/// A path prefix passed through without verification (any method), e.g. a backend health page.
+/// A path prefix with its own rules: passed through without verification (`verify = false`, e.g.
+/// a backend's health page), or verified with a member schema and its own overrides. The longest
+/// matching prefix decides.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     pub path_prefix: String,
+    #[serde(default = "verify_by_default")]
     pub verify: bool,
+    /// The name of a `[schemas.NAME]` that bodies on this route must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_timestamp: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept_form: Option<bool>,
+}
+
+fn verify_by_default() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -242,6 +268,8 @@ pub struct RouteConfig {
 pub struct PartnerConfig {
     /// Overrides `verify.mode` for this partner, e.g. to trial one new partner in report mode.
     pub mode: Option<VerifyMode>,
+    /// Overrides `verify.require_timestamp` for this partner's callbacks (a route's setting wins).
+    pub require_timestamp: Option<bool>,
     /// Inline secrets: for development only (a warning is logged at start).
     pub secrets: Vec<String>,
     pub secret_files: Vec<PathBuf>,
@@ -391,12 +419,39 @@ impl Config {
             if !route.path_prefix.starts_with('/') {
                 problems.push(format!("routes[{i}].path_prefix: must start with '/'"));
             }
-            if route.verify {
+            if !route.verify {
+                for (key, set) in [
+                    ("schema", route.schema.is_some()),
+                    ("require_timestamp", route.require_timestamp.is_some()),
+                    ("accept_form", route.accept_form.is_some()),
+                ] {
+                    if set {
+                        problems.push(format!(
+                            "routes[{i}].{key}: applies to verified routes only, and this route \
+                             has verify = false"
+                        ));
+                    }
+                }
+            }
+            if let Some(name) = &route.schema
+                && !self.schemas.contains_key(name)
+            {
                 problems.push(format!(
-                    "routes[{i}].verify: only `verify = false` routes are supported; every other \
-                     POST is verified already"
+                    "routes[{i}].schema: no [schemas.{name}] is configured"
                 ));
             }
+            if self.routes[..i]
+                .iter()
+                .any(|other| other.path_prefix == route.path_prefix)
+            {
+                problems.push(format!(
+                    "routes[{i}].path_prefix: {} is configured twice",
+                    route.path_prefix
+                ));
+            }
+        }
+        for (name, schema) in &self.schemas {
+            problems.extend(schema.problems(&format!("schemas.{name}")));
         }
         for code in self.partners.keys() {
             if !crate::secrets::is_partner_code(code) {

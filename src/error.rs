@@ -1,4 +1,4 @@
-//! Every way lfguard refuses a request (SPEC §5), and the one place that turns a refusal into a
+//! Every way lfguard refuses a request, and the one place that turns a refusal into a
 //! status, a stable code and a JSON body.
 
 use bytes::Bytes;
@@ -6,12 +6,17 @@ use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::body::{ProxyBody, full};
 
-/// A refused request. Each variant has exactly one status and one SPEC §5 code; the `String` is a
+/// A refused request. Each variant has exactly one status and one documented code; the `String` is a
 /// human-readable detail that never contains a secret or a body value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
     MalformedBody(String),
     DuplicateKey(String),
+    /// The body's string to sign also reads as another body, or the body does not match its
+    /// route's schema.
+    AmbiguousBody(String),
+    /// None of `verify.timestamp_fields` is in the body, and a timestamp is required.
+    MissingTimestamp(String),
     MissingPartner(String),
     MissingDeliveryId(String),
     MissingSignature,
@@ -21,8 +26,12 @@ pub enum Rejection {
     MethodNotAllowed,
     RequestTimeout,
     Replay,
-    InFlight { retry_after_secs: u64 },
-    BodyTooLarge { limit: u64 },
+    InFlight {
+        retry_after_secs: u64,
+    },
+    BodyTooLarge {
+        limit: u64,
+    },
     UnsupportedMediaType,
     UpstreamUnavailable(String),
     ReplayStoreUnavailable(String),
@@ -34,6 +43,8 @@ impl Rejection {
         match self {
             Rejection::MalformedBody(_)
             | Rejection::DuplicateKey(_)
+            | Rejection::AmbiguousBody(_)
+            | Rejection::MissingTimestamp(_)
             | Rejection::MissingPartner(_)
             | Rejection::MissingDeliveryId(_) => StatusCode::BAD_REQUEST,
             Rejection::MissingSignature
@@ -51,12 +62,14 @@ impl Rejection {
         }
     }
 
-    /// Whether report mode (SPEC §10) forwards the request instead: failures of the signature,
+    /// Whether report mode forwards the request instead: failures of the signature, body shape,
     /// freshness and replay checks. Framing, parsing and limits protect lfguard and the backend
     /// and are enforced in every mode.
     pub fn is_reportable(&self) -> bool {
         match self {
-            Rejection::MissingPartner(_)
+            Rejection::AmbiguousBody(_)
+            | Rejection::MissingTimestamp(_)
+            | Rejection::MissingPartner(_)
             | Rejection::MissingDeliveryId(_)
             | Rejection::MissingSignature
             | Rejection::BadSignature(_)
@@ -76,11 +89,13 @@ impl Rejection {
         }
     }
 
-    /// The stable machine-readable code of SPEC §5, also the `code` label in logs and metrics.
+    /// The stable machine-readable code of the README's error table, also the `code` label in logs and metrics.
     pub fn code(&self) -> &'static str {
         match self {
             Rejection::MalformedBody(_) => "malformed_body",
             Rejection::DuplicateKey(_) => "duplicate_key",
+            Rejection::AmbiguousBody(_) => "ambiguous_body",
+            Rejection::MissingTimestamp(_) => "missing_timestamp",
             Rejection::MissingPartner(_) => "missing_partner",
             Rejection::MissingDeliveryId(_) => "missing_delivery_id",
             Rejection::MissingSignature => "missing_signature",
@@ -103,6 +118,8 @@ impl Rejection {
         match self {
             Rejection::MalformedBody(detail) => format!("malformed body: {detail}"),
             Rejection::DuplicateKey(detail) => format!("body has a {detail}"),
+            Rejection::AmbiguousBody(detail) => format!("ambiguous body: {detail}"),
+            Rejection::MissingTimestamp(detail) => detail.clone(),
             Rejection::MissingPartner(detail) => detail.clone(),
             Rejection::MissingDeliveryId(detail) => detail.clone(),
             Rejection::MissingSignature => "x-lf-md5 header is missing".into(),
@@ -117,7 +134,7 @@ impl Rejection {
             }
             Rejection::BodyTooLarge { limit } => format!("body exceeds {limit} bytes"),
             Rejection::UnsupportedMediaType => {
-                "content type must be application/json or application/x-www-form-urlencoded".into()
+                "content type must be application/json (or a form, where forms are accepted)".into()
             }
             Rejection::UpstreamUnavailable(detail) => format!("backend unreachable: {detail}"),
             Rejection::ReplayStoreUnavailable(detail) => {
@@ -127,7 +144,7 @@ impl Rejection {
         }
     }
 
-    /// The JSON error response of SPEC §5.
+    /// The JSON error response: `{"error":{"code":…,"message":…}}`.
     pub fn to_response(&self) -> Response<ProxyBody> {
         let body = serde_json::json!({
             "error": { "code": self.code(), "message": self.message() }
@@ -168,6 +185,16 @@ mod tests {
                 "malformed_body",
             ),
             (Rejection::DuplicateKey(String::new()), 400, "duplicate_key"),
+            (
+                Rejection::AmbiguousBody(String::new()),
+                400,
+                "ambiguous_body",
+            ),
+            (
+                Rejection::MissingTimestamp(String::new()),
+                400,
+                "missing_timestamp",
+            ),
             (
                 Rejection::MissingPartner(String::new()),
                 400,

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod ambiguity;
 pub mod body;
 pub mod cli;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod replay;
+pub mod schema;
 pub mod secrets;
 pub mod server;
 pub mod signature;

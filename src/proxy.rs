@@ -14,8 +14,9 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
+use crate::ambiguity;
 use crate::body::{ProxyBody, full};
-use crate::config::{Config, OnDuplicate, VerifyMode};
+use crate::config::{Config, OnDuplicate, RouteConfig, VerifyMode};
 use crate::diagnose;
 use crate::error::Rejection;
 use crate::freshness::{self, Staleness};
@@ -256,8 +257,10 @@ impl Proxy {
     ) -> Result<(Response<ProxyBody>, Accepted), Rejection> {
         let (parts, incoming) = request.into_parts();
 
-        // Operators may pass a backend's own pages (health, status) through unverified.
-        if self.is_passthrough(&parts) {
+        // Operators may pass a backend's own pages (health, status) through unverified; other
+        // routes may carry a member schema and their own overrides.
+        let route = self.route_for(parts.uri.path());
+        if route.is_some_and(|route| !route.verify) && self.is_passthrough(&parts) {
             let body = self.read_body(&parts, incoming).await?;
             let forward = self.upstream_request(parts, body, peer, None);
             let response = self.send_upstream(forward, log).await?;
@@ -268,6 +271,13 @@ impl Proxy {
         }
         // Framing and parsing protect lfguard and the backend: enforced in every mode.
         let form = content_kind(&parts.headers)?;
+        if form
+            && !route
+                .and_then(|r| r.accept_form)
+                .unwrap_or(self.config.verify.accept_form)
+        {
+            return Err(Rejection::UnsupportedMediaType);
+        }
         let body = self.read_body(&parts, incoming).await?;
         let parsed = parse_body(&body, form)?;
         let secrets = self.secrets.load();
@@ -278,8 +288,15 @@ impl Proxy {
         log.mode = Some(mode);
 
         // Signature, delivery id and freshness.
-        let replay_key = match self.check(&parts.headers, &parsed, partner, &secrets, arrived, log)
-        {
+        let replay_key = match self.check(
+            &parts.headers,
+            &parsed,
+            partner,
+            route,
+            &secrets,
+            arrived,
+            log,
+        ) {
             Ok(replay_key) => replay_key,
             Err(rejection) => {
                 return self
@@ -324,11 +341,13 @@ impl Proxy {
     }
 
     /// The checks that report mode may waive. Returns the replay key.
+    #[allow(clippy::too_many_arguments)]
     fn check(
         &self,
         headers: &HeaderMap,
         body: &Body<'_>,
         partner: Result<&str, Rejection>,
+        route: Option<&RouteConfig>,
         secrets: &SecretStore,
         arrived: SystemTime,
         log: &mut RequestLog,
@@ -336,9 +355,16 @@ impl Proxy {
         let signature = signature_header(headers)?;
         log.delivery_id = delivery_id(headers, self.config.verify.require_delivery_id)?;
         let partner = partner?;
+        // A body whose string to sign has another reading is never vouched for, whatever its
+        // signature: the backend could be acting on the other reading.
+        self.check_unambiguous(body, route)?;
         let (key_id, digest) = self.verify_signature(body, partner, signature, secrets)?;
         log.key_id = Some(key_id);
-        self.check_freshness(body, arrived)?;
+        let require_timestamp = route
+            .and_then(|route| route.require_timestamp)
+            .or_else(|| secrets.require_timestamp_for(partner))
+            .unwrap_or(self.config.verify.require_timestamp);
+        self.check_freshness(body, arrived, require_timestamp)?;
         Ok(replay::Key {
             partner: partner.to_string(),
             digest,
@@ -374,15 +400,26 @@ impl Proxy {
             .verification(log.metrics_partner(), result, mode.as_str());
     }
 
+    /// The route with the longest prefix matching `path`. Verified routes match ignoring ASCII
+    /// case, pass-through routes exactly: a backend that routes case-insensitively must not be
+    /// able to reach a schema route's handler without its schema, nor lfguard pass through more
+    /// than the prefix says.
+    fn route_for(&self, path: &str) -> Option<&RouteConfig> {
+        self.config
+            .routes
+            .iter()
+            .filter(|route| {
+                if route.verify {
+                    under_prefix_ignoring_case(path, &route.path_prefix)
+                } else {
+                    under_prefix(path, &route.path_prefix)
+                }
+            })
+            .max_by_key(|route| route.path_prefix.len())
+    }
+
     fn is_passthrough(&self, parts: &Parts) -> bool {
-        let path = parts.uri.path();
-        !self.config.routes.is_empty()
-            && !has_dot_segments(path)
-            && self
-                .config
-                .routes
-                .iter()
-                .any(|route| !route.verify && under_prefix(path, &route.path_prefix))
+        !has_dot_segments(parts.uri.path())
     }
 
     /// Buffers the body within `server.max_body_bytes` and `server.body_read_timeout`. A declared
@@ -454,12 +491,40 @@ impl Proxy {
         }))
     }
 
-    fn check_freshness(&self, body: &Body<'_>, arrived: SystemTime) -> Result<(), Rejection> {
+    /// Keys and values that make the string to sign readable as another body, and the route's
+    /// member schema.
+    fn check_unambiguous(
+        &self,
+        body: &Body<'_>,
+        route: Option<&RouteConfig>,
+    ) -> Result<(), Rejection> {
         let verify = &self.config.verify;
+        ambiguity::check(body, verify.nested_values)
+            .map_err(|why| Rejection::AmbiguousBody(why.to_string()))?;
+        if let Some(schema) = route
+            .and_then(|route| route.schema.as_ref())
+            .and_then(|name| self.config.schemas.get(name))
+        {
+            schema
+                .check(body)
+                .map_err(|why| Rejection::AmbiguousBody(why.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn check_freshness(
+        &self,
+        body: &Body<'_>,
+        arrived: SystemTime,
+        require_timestamp: bool,
+    ) -> Result<(), Rejection> {
+        let verify = &self.config.verify;
+        let mut found = false;
         for field in &verify.timestamp_fields {
             let Some(value) = body.get(field) else {
                 continue;
             };
+            found = true;
             freshness::check(value, arrived, verify.max_age, verify.max_skew).map_err(|why| {
                 Rejection::Stale(match why {
                     Staleness::Unreadable => format!("{field} is not a timestamp lfguard can read"),
@@ -473,6 +538,12 @@ impl Proxy {
                     ),
                 })
             })?;
+        }
+        if !found && require_timestamp {
+            return Err(Rejection::MissingTimestamp(format!(
+                "the body has no timestamp member ({})",
+                verify.timestamp_fields.join(", ")
+            )));
         }
         Ok(())
     }
@@ -615,6 +686,13 @@ fn under_prefix(path: &str, prefix: &str) -> bool {
         Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
         None => false,
     }
+}
+
+fn under_prefix_ignoring_case(path: &str, prefix: &str) -> bool {
+    let (path, prefix) = (path.as_bytes(), prefix.as_bytes());
+    path.len() >= prefix.len()
+        && path[..prefix.len()].eq_ignore_ascii_case(prefix)
+        && (prefix.ends_with(b"/") || path.len() == prefix.len() || path[prefix.len()] == b'/')
 }
 
 /// Whether a path has `.` or `..` segments, also percent-encoded or behind an encoded slash or a

@@ -27,13 +27,14 @@ impl fmt::Debug for Key {
     }
 }
 
-/// Every configured partner's secrets, in rotation order, and the verification mode of each:
-/// the part of the configuration that a reload replaces.
+/// Every configured partner's secrets, in rotation order, and the per-partner overrides (mode,
+/// whether a timestamp is required): the part of the configuration that a reload replaces.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SecretStore {
     partners: HashMap<String, Vec<Key>>,
     default_mode: VerifyMode,
     modes: HashMap<String, VerifyMode>,
+    require_timestamp: HashMap<String, bool>,
 }
 
 /// A partner code as Linksfield issues them (`P002671`); also a safe file name.
@@ -98,10 +99,16 @@ impl SecretStore {
                 .iter()
                 .filter_map(|(code, partner)| Some((code.clone(), partner.mode?)))
                 .collect();
+            let require_timestamp = config
+                .partners
+                .iter()
+                .filter_map(|(code, partner)| Some((code.clone(), partner.require_timestamp?)))
+                .collect();
             Ok(SecretStore {
                 partners,
                 default_mode: config.verify.mode,
                 modes,
+                require_timestamp,
             })
         } else {
             Err(problems)
@@ -119,6 +126,11 @@ impl SecretStore {
             .and_then(|code| self.modes.get(code))
             .copied()
             .unwrap_or(self.default_mode)
+    }
+
+    /// The partner's `require_timestamp` override, if it has one.
+    pub fn require_timestamp_for(&self, partner: &str) -> Option<bool> {
+        self.require_timestamp.get(partner).copied()
     }
 
     pub fn contains(&self, partner: &str) -> bool {
@@ -342,6 +354,7 @@ mod tests {
             secret_files: vec![empty, dir.path().join("missing")],
             secret_env: vec!["LFGUARD_TEST_SURELY_UNSET_VAR".into()],
             mode: None,
+            require_timestamp: None,
         });
         let problems = SecretStore::load(&config).unwrap_err();
         assert_eq!(problems.len(), 4, "{problems:?}");

@@ -226,7 +226,10 @@ fn send_count_sends_distinct_callbacks_and_reports_percentiles() {
     let backend = Backend::start();
     let lfguard = Lfguard::start(&backend, "");
     let url = format!("http://{}/callback", lfguard.addr);
-    let body = format!(r#"{{"partner_code":"{PARTNER}","text_message":"load"}}"#);
+    let body = format!(
+        r#"{{"partner_code":"{PARTNER}","received_at":"{}","text_message":"load"}}"#,
+        now_millis()
+    );
     let (code, out, err) = run_cli(
         &[
             "send",

@@ -196,7 +196,8 @@ fn a_secret_swapped_through_a_symlink_is_picked_up_without_a_restart() {
     let lfguard = Lfguard::start_with(config, &[]);
     let body = || {
         format!(
-            r#"{{"partner_code":"P300001","text_message":"{}"}}"#,
+            r#"{{"partner_code":"P300001","received_at":"{}","text_message":"{}"}}"#,
+            now_millis(),
             delivery_id()
         )
     };
@@ -258,7 +259,8 @@ fn sighup_removes_a_revoked_secret_and_a_broken_reload_keeps_the_last_good_set()
     let lfguard = Lfguard::start_with(config, &[]);
     let body = || {
         format!(
-            r#"{{"partner_code":"P400001","text_message":"{}"}}"#,
+            r#"{{"partner_code":"P400001","received_at":"{}","text_message":"{}"}}"#,
+            now_millis(),
             delivery_id()
         )
     };

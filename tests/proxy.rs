@@ -386,7 +386,11 @@ fn hop_by_hop_headers_are_dropped_and_forwarded_for_appended() {
 #[test]
 fn form_bodies_and_canonical_edge_cases_verify_end_to_end() {
     let backend = Backend::start();
-    let lfguard = Lfguard::start(&backend, "");
+    // These bodies test the canonical string, not freshness.
+    let lfguard = Lfguard::start(
+        &backend,
+        "[verify]\naccept_form = true\nrequire_timestamp = false",
+    );
     let form = format!("partner_code={PARTNER}&text_message=form+body%21&sim_id=8986");
     let signature = sign_body(form.as_bytes(), SECRET, Encoding::Raw);
     let callback = Callback {
@@ -503,7 +507,10 @@ fn secrets_come_from_files_directories_and_the_environment() {
         ("P100002", "file-secret", "file0:1"),
         ("P100003", "env-secret", "env:LFGUARD_TEST_P3_SECRET:1"),
     ] {
-        let body = format!(r#"{{"partner_code":"{partner}","text_message":"x"}}"#);
+        let body = format!(
+            r#"{{"partner_code":"{partner}","received_at":"{}","text_message":"x"}}"#,
+            now_millis()
+        );
         let response = lfguard.post(&Callback::signed_with(body, secret, Encoding::Hex));
         assert_eq!(response.status, 200, "{partner}: {}", response.text());
         let received = backend.requests();
@@ -531,7 +538,10 @@ fn environment_overrides_the_file() {
             ("LFGUARD_TEST_ENV_SECRET", "from-env"),
         ],
     );
-    let body = r#"{"partner_code":"P200001","text_message":"x"}"#;
+    let body = format!(
+        r#"{{"partner_code":"P200001","received_at":"{}","text_message":"x"}}"#,
+        now_millis()
+    );
     let response = lfguard.post(&Callback::signed_with(body, "from-env", Encoding::Hex));
     assert_eq!(response.status, 200, "{}", response.text());
     assert_eq!(backend.count(), 1);

@@ -229,12 +229,13 @@ fn stale_and_future_timestamps_are_refused_in_every_format(store: Store) {
     let unreadable = format!(r#"{{"partner_code":"{PARTNER}","received_at":"yesterday"}}"#);
     assert_eq!(lfguard.post(&Callback::signed(unreadable)).code(), "stale");
     let without = format!(r#"{{"partner_code":"{PARTNER}","text_message":"no timestamp"}}"#);
+    let response = lfguard.post(&Callback::signed(without));
     assert_eq!(
-        lfguard.post(&Callback::signed(without)).status,
-        200,
-        "no timestamp member: no freshness check"
+        (response.status, response.code().as_str()),
+        (400, "missing_timestamp"),
+        "no timestamp member: refused by default"
     );
-    assert_eq!(backend.count(), 11);
+    assert_eq!(backend.count(), 10);
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for epoch seconds, without a date crate in the tests.

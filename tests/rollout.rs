@@ -105,7 +105,10 @@ fn a_partner_can_be_trialled_in_report_mode_while_the_rest_are_enforced() {
         &backend,
         "[partners.P500001]\nmode = \"report\"\nsecrets = [\"trial-secret\"]",
     );
-    let trial = r#"{"partner_code":"P500001","text_message":"x"}"#;
+    let trial = &format!(
+        r#"{{"partner_code":"P500001","received_at":"{}","text_message":"x"}}"#,
+        now_millis()
+    );
     let response = lfguard.post(&Callback::signed_with(trial, "wrong", Encoding::Hex));
     assert_eq!(response.status, 200);
     assert_eq!(
@@ -269,7 +272,10 @@ fn a_config_file_change_is_picked_up_by_polling() {
     let mut config = base_config(&backend.url());
     merge(&mut config, "reload_interval = \"100ms\"");
     let lfguard = Lfguard::start_with(config.clone(), &[]);
-    let trial = r#"{"partner_code":"P600001","text_message":"x"}"#;
+    let trial = &format!(
+        r#"{{"partner_code":"P600001","received_at":"{}","text_message":"x"}}"#,
+        now_millis()
+    );
     assert_eq!(
         lfguard
             .post(&Callback::signed_with(trial, "k6", Encoding::Hex))
