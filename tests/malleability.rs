@@ -376,3 +376,33 @@ fn a_route_naming_a_missing_schema_is_a_configuration_error() {
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("schemas.s.members.a"), "{err}");
 }
+
+#[test]
+fn the_readme_schema_example_is_the_shipped_one_and_a_valid_route() {
+    let readme = include_str!("../README.md");
+    let block = readme
+        .split("```toml\n")
+        .skip(1)
+        .map(|rest| rest.split("```").next().unwrap())
+        .find(|block| block.contains("[schemas.sms_uplink]"))
+        .expect("README shows the SMS uplink schema");
+    let example: toml::Table = block.parse().expect("the README example is TOML");
+    let shipped: toml::Table = include_str!("../config/lfguard.toml").parse().unwrap();
+    assert_eq!(example["schemas"], shipped["schemas"]);
+
+    // And it works as written: the route and schema admit the documented uplink only.
+    let backend = Backend::start();
+    let lfguard = Lfguard::start(&backend, block);
+    let now = now_millis();
+    let genuine = at(
+        Callback::signed(uplink(now, r#""4230001234567""#)),
+        "/linksfield/sms-uplink",
+    );
+    assert_eq!(lfguard.post(&genuine).status, 200);
+    let retyped = at(
+        Callback::signed(uplink(now, "4230001234567")),
+        "/linksfield/sms-uplink",
+    );
+    assert_eq!(lfguard.post(&retyped).code(), "ambiguous_body");
+    assert_eq!(backend.count(), 1);
+}
