@@ -1,4 +1,4 @@
-//! Prometheus metrics (SPEC §8) in the Prometheus text format. The partner label is only ever a
+//! Prometheus metrics in the Prometheus text format. The partner label is only ever a
 //! configured partner code (or `other`), so a flood of random partner codes cannot grow the
 //! series count.
 
@@ -20,7 +20,10 @@ pub struct Metrics {
     request_duration: Histogram,
     upstream_duration: Histogram,
     replay_entries: IntGauge,
+    replay_in_flight: IntGauge,
+    replay_capacity: IntGauge,
     replay_evictions: IntCounter,
+    replay_refused: IntCounter,
     secret_reloads: IntCounterVec,
     verifications: IntCounterVec,
     signature_variants: IntCounterVec,
@@ -66,12 +69,27 @@ impl Metrics {
         .expect("valid metric");
         let replay_entries = IntGauge::new(
             "lfguard_replay_entries",
-            "Keys held by the memory replay store",
+            "Delivered keys held by the memory replay store",
+        )
+        .expect("valid metric");
+        let replay_in_flight = IntGauge::new(
+            "lfguard_replay_in_flight",
+            "Claims in flight held by the memory replay store",
+        )
+        .expect("valid metric");
+        let replay_capacity = IntGauge::new(
+            "lfguard_replay_capacity",
+            "replay.capacity: delivered keys the memory store remembers, and claims it holds",
         )
         .expect("valid metric");
         let replay_evictions = IntCounter::new(
             "lfguard_replay_evictions_total",
-            "Replay keys dropped for capacity before their window ended",
+            "Delivered keys dropped for capacity before their window ended",
+        )
+        .expect("valid metric");
+        let replay_refused = IntCounter::new(
+            "lfguard_replay_claims_refused_total",
+            "Claims refused (503) because replay.capacity claims were in flight",
         )
         .expect("valid metric");
         let secret_reloads = IntCounterVec::new(
@@ -111,7 +129,10 @@ impl Metrics {
             Box::new(request_duration.clone()),
             Box::new(upstream_duration.clone()),
             Box::new(replay_entries.clone()),
+            Box::new(replay_in_flight.clone()),
+            Box::new(replay_capacity.clone()),
             Box::new(replay_evictions.clone()),
+            Box::new(replay_refused.clone()),
             Box::new(secret_reloads.clone()),
             Box::new(verifications.clone()),
             Box::new(signature_variants.clone()),
@@ -127,7 +148,10 @@ impl Metrics {
             request_duration,
             upstream_duration,
             replay_entries,
+            replay_in_flight,
+            replay_capacity,
             replay_evictions,
+            replay_refused,
             secret_reloads,
             verifications,
             signature_variants,
@@ -172,14 +196,20 @@ impl Metrics {
 
     /// The text exposition, with the store's figures read at scrape time.
     pub fn render(&self, store: &AnyStore) -> String {
-        if let Some(entries) = store.entries() {
-            self.replay_entries
-                .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        if let Some(((delivered, in_flight), capacity)) = store.entries() {
+            self.replay_entries.set(gauge(delivered));
+            self.replay_in_flight.set(gauge(in_flight));
+            self.replay_capacity.set(gauge(capacity));
         }
-        let evictions = store.evictions();
-        let counted = self.replay_evictions.get();
-        if evictions > counted {
-            self.replay_evictions.inc_by(evictions - counted);
+        for (counter, total) in [
+            (&self.replay_evictions, store.evictions()),
+            (&self.replay_refused, store.refused()),
+        ] {
+            let counted = counter.get();
+            if total > counted {
+                counter.inc_by(total - counted);
+            }
         }
         let mut out = Vec::new();
         TextEncoder::new()

@@ -560,6 +560,9 @@ impl Proxy {
         match claim {
             Claim::Claimed(token) => Ok(ClaimGuard::new(self.replay.clone(), replay_key, token)),
             Claim::Delivered => Err(Rejection::Replay),
+            Claim::Full => Err(Rejection::ReplayStoreUnavailable(
+                "the replay store holds replay.capacity claims in flight".into(),
+            )),
             Claim::InFlight => Err(Rejection::InFlight {
                 retry_after_secs: in_flight.as_secs().max(1),
             }),

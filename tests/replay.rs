@@ -443,3 +443,129 @@ fn deployments_with_different_key_prefixes_share_a_redis_without_sharing_keys() 
     assert_eq!(same.header("x-lfguard-duplicate"), Some("true"));
     assert_eq!(backend.count(), 2);
 }
+
+/// A metric's value from `/metrics`.
+fn metric(lfguard: &Lfguard, name: &str) -> f64 {
+    let text = admin_get(lfguard.admin, "/metrics").text();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in\n{text}"))
+}
+
+#[test]
+fn a_full_memory_store_refuses_new_claims_rather_than_evict_one_in_flight() {
+    let backend = Backend::start();
+    backend.script([Reply {
+        delay: Duration::from_secs(2),
+        ..Reply::default()
+    }]);
+    let (lfguard, _) = start(
+        Store::Memory,
+        &backend,
+        "[replay]\ncapacity = 1\n[upstream]\ntimeout = \"10s\"",
+    );
+    let a = Callback::signed(sms_body());
+    let addr = lfguard.addr;
+    let first = {
+        let a = a.clone();
+        std::thread::spawn(move || a.send(addr))
+    };
+    backend.wait_for(1);
+    let b = Callback::signed(sms_body());
+    let refused = lfguard.post(&b);
+    assert_eq!(
+        (refused.status, refused.code().as_str()),
+        (503, "replay_store_unavailable")
+    );
+    assert!(refused.header("retry-after").is_some());
+    let copy = lfguard.post(&a.with_new_delivery_id());
+    assert_eq!((copy.status, copy.code().as_str()), (409, "in_flight"));
+    assert_eq!(first.join().unwrap().status, 200);
+    // The claim settled, B is taken now; A reached the backend once.
+    assert_eq!(lfguard.post(&b).status, 200);
+    let received = backend.requests();
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[0].body.as_ref(), a.body.as_slice());
+    assert_eq!(received[1].body.as_ref(), b.body.as_slice());
+    assert_eq!(metric(&lfguard, "lfguard_replay_claims_refused_total"), 1.0);
+    assert_eq!(metric(&lfguard, "lfguard_replay_evictions_total"), 1.0);
+}
+
+#[test]
+fn many_callbacks_in_flight_with_copies_are_each_delivered_at_most_once() {
+    const CALLBACKS: usize = 150;
+    let backend = Backend::start();
+    backend.set_reply(Reply {
+        delay: Duration::from_millis(1500),
+        ..Reply::default()
+    });
+    let (lfguard, _) = start(Store::Memory, &backend, "[replay]\ncapacity = 100");
+    let callbacks: Vec<Callback> = (0..CALLBACKS)
+        .map(|_| Callback::signed(sms_body()))
+        .collect();
+    let addr = lfguard.addr;
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let originals: Vec<_> = callbacks
+            .iter()
+            .map(|c| scope.spawn(move || c.send(addr).status))
+            .collect();
+        // Copies while the first hundred are in flight.
+        backend.wait_for(100);
+        let copies: Vec<_> = callbacks
+            .iter()
+            .map(|c| {
+                let copy = c.with_new_delivery_id();
+                scope.spawn(move || copy.send(addr).status)
+            })
+            .collect();
+        originals
+            .into_iter()
+            .chain(copies)
+            .map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert!(
+        statuses.iter().all(|s| [200, 409, 503].contains(s)),
+        "{statuses:?}"
+    );
+    let received = backend.requests();
+    for callback in &callbacks {
+        let copies = received
+            .iter()
+            .filter(|r| r.body.as_ref() == callback.body.as_slice())
+            .count();
+        assert!(copies <= 1, "delivered {copies} times");
+    }
+    assert!(received.len() >= 100, "{}", received.len());
+}
+
+#[test]
+fn the_memory_store_remembers_exactly_the_last_capacity_deliveries() {
+    const CAPACITY: usize = 17;
+    let backend = Backend::start();
+    let (lfguard, _) = start(
+        Store::Memory,
+        &backend,
+        &format!("[replay]\ncapacity = {CAPACITY}"),
+    );
+    let callbacks: Vec<Callback> = (0..2 * CAPACITY)
+        .map(|_| Callback::signed(sms_body()))
+        .collect();
+    for callback in &callbacks {
+        assert_eq!(lfguard.post(callback).status, 200);
+    }
+    assert_eq!(metric(&lfguard, "lfguard_replay_entries"), CAPACITY as f64);
+    assert_eq!(metric(&lfguard, "lfguard_replay_capacity"), CAPACITY as f64);
+    assert_eq!(
+        metric(&lfguard, "lfguard_replay_evictions_total"),
+        CAPACITY as f64
+    );
+    for callback in &callbacks[CAPACITY..] {
+        let response = lfguard.post(&callback.with_new_delivery_id());
+        assert_eq!(response.header("x-lfguard-duplicate"), Some("true"));
+    }
+    // One further back was forgotten (and is within its freshness window, so forwarded again).
+    let forgotten = lfguard.post(&callbacks[CAPACITY - 1].with_new_delivery_id());
+    assert_eq!(forgotten.header("x-lfguard-duplicate"), None);
+    assert_eq!(backend.count(), 2 * CAPACITY + 1);
+}

@@ -1,14 +1,25 @@
-//! The embedded replay store: a bounded LRU map (the `lru` crate) split into shards, each behind
-//! its own mutex, so that claim, settle and release are plain compare-and-set steps under a lock.
-//! Suits one replica; several replicas need the shared Redis store.
+//! The embedded replay store: the last `capacity` delivered callbacks in an LRU map (the `lru`
+//! crate), and the claims in flight beside them in a map of their own, both behind one mutex, so
+//! that claim, settle and release are plain compare-and-set steps under a lock. Suits one replica;
+//! several replicas need the shared Redis store.
+//!
+//! The two are apart because they must be bounded differently. A delivered key may be forgotten
+//! for capacity (the least recently used goes, and is counted): the store then remembers exactly
+//! the last `capacity` deliveries. A claim in flight must never be forgotten, or a copy sent while
+//! the backend works on the first would be forwarded too; when `capacity` claims are in flight, a
+//! new claim is refused (`Claim::Full`, a 503 that Linksfield retries) instead. One lock rather
+//! than shards: shards each evicting on their own made the capacity inexact, and an operation
+//! holds the lock for a hash lookup or two.
 //!
 //! Entries are keyed by the digest alone (16 bytes, no allocation): the signed string includes
 //! `partner_code`, so the digest already tells partners apart. Expiry is checked when a key is
-//! looked up; expired entries are pushed out by newer ones, so memory is bounded by the capacity
-//! alone and no sweeper is needed. moka was measured first: about 430 bytes and 3–4 µs per
-//! operation at capacity (a fifth of lfguard's CPU under load), and its default TinyLFU policy
-//! refuses new keys in favour of old ones once full — the opposite of what a replay store needs.
+//! looked up; expired deliveries are pushed out by newer ones, and expired claims (their request
+//! outlived `upstream.timeout`) are swept when the claims fill up, so memory is bounded by the
+//! capacity alone and no sweeper task is needed. moka was measured first: about 430 bytes and
+//! 3–4 µs per operation at capacity, and its default TinyLFU policy refuses new keys in favour of
+//! old ones once full — the opposite of what a replay store needs.
 
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -20,125 +31,126 @@ use super::{Claim, Key, Store, StoreError, Token};
 
 type Digest = [u8; 16];
 
-/// Enough shards that concurrent requests rarely meet on one lock.
-const MAX_SHARDS: u64 = 16;
-
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    state: State,
-    expires: Instant,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    InFlight(Token),
-    Delivered,
+struct Claims {
+    /// Delivered keys and when each may be forgotten.
+    delivered: LruCache<Digest, Instant>,
+    /// Keys being forwarded: the owner's token and when the claim lapses.
+    in_flight: HashMap<Digest, (Token, Instant)>,
 }
 
 pub struct MemoryStore {
-    shards: Vec<Mutex<LruCache<Digest, Entry>>>,
+    claims: Mutex<Claims>,
+    capacity: usize,
     evictions: AtomicU64,
+    refused: AtomicU64,
 }
 
 impl MemoryStore {
-    /// Holds at most `capacity` keys in all (at least one).
+    /// Remembers the last `capacity` deliveries (at least one) and holds at most `capacity`
+    /// claims in flight.
     pub fn new(capacity: u64) -> Self {
-        let shards = capacity.clamp(1, MAX_SHARDS);
-        let per_shard = usize::try_from(capacity.max(1) / shards)
+        let capacity = usize::try_from(capacity)
             .ok()
             .and_then(NonZeroUsize::new)
             .unwrap_or(NonZeroUsize::MIN);
         MemoryStore {
-            shards: (0..shards)
-                .map(|_| Mutex::new(LruCache::new(per_shard)))
-                .collect(),
+            claims: Mutex::new(Claims {
+                delivered: LruCache::new(capacity),
+                in_flight: HashMap::new(),
+            }),
+            capacity: capacity.get(),
             evictions: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         }
     }
 
-    /// Keys held, including expired ones not yet pushed out.
-    pub fn entries(&self) -> u64 {
-        self.shards
-            .iter()
-            .map(|shard| lock(shard).len() as u64)
-            .sum()
+    /// Delivered keys held (including expired ones not yet pushed out) and claims in flight.
+    pub fn entries(&self) -> (u64, u64) {
+        let claims = self.lock();
+        (claims.delivered.len() as u64, claims.in_flight.len() as u64)
     }
 
-    /// Keys pushed out for capacity before they expired.
+    pub fn capacity(&self) -> u64 {
+        self.capacity as u64
+    }
+
+    /// Delivered keys forgotten for capacity before they expired.
     pub fn evictions(&self) -> u64 {
         self.evictions.load(Ordering::Relaxed)
     }
 
-    fn shard(&self, digest: &Digest) -> MutexGuard<'_, LruCache<Digest, Entry>> {
-        lock(&self.shards[usize::from(digest[0]) % self.shards.len()])
+    /// Claims refused because `capacity` claims were in flight.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
-    /// Applies `change` to the entry only while `token` owns it.
-    fn if_owner(
-        &self,
-        key: &Key,
-        token: &Token,
-        change: impl FnOnce(&mut LruCache<Digest, Entry>),
-    ) {
-        let mut shard = self.shard(&key.digest);
-        if shard
-            .peek(&key.digest)
-            .is_some_and(|entry| entry.state == State::InFlight(*token))
-        {
-            change(&mut shard);
+    fn lock(&self) -> MutexGuard<'_, Claims> {
+        // A panic while locked cannot leave an entry half-written (entries are `Copy` values
+        // replaced whole), so a poisoned lock is still safe to use.
+        self.claims
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Removes `key`'s claim if `token` still owns it; whether it did.
+    fn take_claim(claims: &mut Claims, key: &Key, token: &Token) -> bool {
+        let owned = claims
+            .in_flight
+            .get(&key.digest)
+            .is_some_and(|(owner, _)| owner == token);
+        if owned {
+            claims.in_flight.remove(&key.digest);
         }
+        owned
     }
-}
-
-/// A panic while a shard was locked cannot leave an entry half-written (entries are `Copy`
-/// values replaced whole), so a poisoned lock is still safe to use.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Store for MemoryStore {
     async fn claim(&self, key: &Key, in_flight: Duration) -> Result<Claim, StoreError> {
         let now = Instant::now();
-        let mut shard = self.shard(&key.digest);
-        if let Some(entry) = shard.get(&key.digest)
-            && entry.expires > now
-        {
-            return Ok(match entry.state {
-                State::Delivered => Claim::Delivered,
-                State::InFlight(_) => Claim::InFlight,
-            });
+        let mut claims = self.lock();
+        match claims.delivered.get(&key.digest) {
+            Some(&expires) if expires > now => return Ok(Claim::Delivered),
+            Some(_) => {
+                claims.delivered.pop(&key.digest);
+            }
+            None => {}
+        }
+        if let Some(&(_, expires)) = claims.in_flight.get(&key.digest) {
+            if expires > now {
+                return Ok(Claim::InFlight);
+            }
+            claims.in_flight.remove(&key.digest);
+        }
+        if claims.in_flight.len() >= self.capacity {
+            claims.in_flight.retain(|_, (_, expires)| *expires > now);
+            if claims.in_flight.len() >= self.capacity {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return Ok(Claim::Full);
+            }
         }
         let token = Token::new();
-        let entry = Entry {
-            state: State::InFlight(token),
-            expires: now + in_flight,
-        };
-        if let Some((pushed_out, old)) = shard.push(key.digest, entry)
-            && pushed_out != key.digest
-            && old.expires > now
-        {
-            self.evictions.fetch_add(1, Ordering::Relaxed);
-        }
+        claims
+            .in_flight
+            .insert(key.digest, (token, now + in_flight));
         Ok(Claim::Claimed(token))
     }
 
     async fn settle(&self, key: &Key, token: &Token, window: Duration) -> Result<(), StoreError> {
-        self.if_owner(key, token, |shard| {
-            let delivered = Entry {
-                state: State::Delivered,
-                expires: Instant::now() + window,
-            };
-            shard.put(key.digest, delivered);
-        });
+        let now = Instant::now();
+        let mut claims = self.lock();
+        if Self::take_claim(&mut claims, key, token)
+            && let Some((pushed_out, expires)) = claims.delivered.push(key.digest, now + window)
+            && pushed_out != key.digest
+            && expires > now
+        {
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
     async fn release(&self, key: &Key, token: &Token) -> Result<(), StoreError> {
-        self.if_owner(key, token, |shard| {
-            shard.pop(&key.digest);
-        });
+        Self::take_claim(&mut self.lock(), key, token);
         Ok(())
     }
 
@@ -208,25 +220,77 @@ mod tests {
         ));
     }
 
+    async fn deliver(store: &MemoryStore, name: &str) {
+        let Claim::Claimed(token) = store.claim(&key(name), LONG).await.unwrap() else {
+            panic!("{name} is new");
+        };
+        store.settle(&key(name), &token, LONG).await.unwrap();
+    }
+
     #[tokio::test]
-    async fn capacity_bounds_entries_and_counts_evictions() {
-        let store = MemoryStore::new(50);
-        for i in 0..500 {
-            let key = key(&format!("k{i}"));
-            if let Claim::Claimed(token) = store.claim(&key, LONG).await.unwrap() {
-                store.settle(&key, &token, LONG).await.unwrap();
+    async fn exactly_the_last_capacity_deliveries_are_remembered() {
+        for capacity in [1u64, 17, 100] {
+            let store = MemoryStore::new(capacity);
+            for i in 0..capacity * 3 {
+                deliver(&store, &format!("k{i}")).await;
             }
+            assert_eq!(store.entries(), (capacity, 0));
+            assert_eq!(store.evictions(), capacity * 2);
+            // Checking from the oldest remembered (a check counts as a use).
+            for i in capacity * 2..capacity * 3 {
+                assert_eq!(
+                    store.claim(&key(&format!("k{i}")), LONG).await.unwrap(),
+                    Claim::Delivered,
+                    "capacity {capacity}: k{i} forgotten"
+                );
+            }
+            assert!(matches!(
+                store
+                    .claim(&key(&format!("k{}", capacity * 2 - 1)), LONG)
+                    .await
+                    .unwrap(),
+                Claim::Claimed(_)
+            ));
         }
-        assert!(store.entries() <= 50, "{}", store.entries());
-        assert!(store.evictions() > 0);
-        // At capacity the oldest keys go, and the newest are still caught as replays.
+    }
+
+    #[tokio::test]
+    async fn a_claim_in_flight_is_never_evicted_and_a_full_store_refuses() {
+        let store = MemoryStore::new(1);
+        let Claim::Claimed(a) = store.claim(&key("a"), LONG).await.unwrap() else {
+            panic!("a is new");
+        };
+        assert_eq!(store.claim(&key("b"), LONG).await.unwrap(), Claim::Full);
+        assert_eq!(store.refused(), 1);
+        assert_eq!(store.claim(&key("a"), LONG).await.unwrap(), Claim::InFlight);
+        store.settle(&key("a"), &a, LONG).await.unwrap();
+        // Settled, the claim's room is free; the delivery stays until a newer one pushes it out.
+        deliver(&store, "b").await;
+        assert_eq!(store.evictions(), 1);
         assert_eq!(
-            store.claim(&key("k499"), LONG).await.unwrap(),
+            store.claim(&key("b"), LONG).await.unwrap(),
             Claim::Delivered
         );
+    }
+
+    #[tokio::test]
+    async fn lapsed_claims_make_room() {
+        let store = MemoryStore::new(2);
+        for name in ["a", "b"] {
+            assert!(matches!(
+                store
+                    .claim(&key(name), Duration::from_millis(10))
+                    .await
+                    .unwrap(),
+                Claim::Claimed(_)
+            ));
+        }
+        assert_eq!(store.claim(&key("c"), LONG).await.unwrap(), Claim::Full);
+        tokio::time::sleep(Duration::from_millis(30)).await;
         assert!(matches!(
-            store.claim(&key("k0"), LONG).await.unwrap(),
+            store.claim(&key("c"), LONG).await.unwrap(),
             Claim::Claimed(_)
         ));
+        assert_eq!(store.entries(), (0, 1));
     }
 }

@@ -1,4 +1,4 @@
-//! Replay protection (SPEC §3): a store of callback keys, each either in flight (claimed by the
+//! Replay protection: a store of callback keys, each either in flight (claimed by the
 //! request forwarding it) or delivered (the backend answered 2xx).
 //!
 //! The key is partner + signature digest, not the delivery id: the signature covers every body
@@ -22,6 +22,8 @@ pub enum Claim {
     Delivered,
     /// Another copy is being forwarded right now.
     InFlight,
+    /// The store holds as many claims in flight as it may (memory store): try again shortly.
+    Full,
 }
 
 /// One callback: its partner and the md5 digest of its signed string (which covers every body
@@ -138,11 +140,20 @@ impl AnyStore {
         }
     }
 
-    /// Entries held, where the store can tell cheaply (memory only).
-    pub fn entries(&self) -> Option<u64> {
+    /// Delivered keys and claims in flight held, and the capacity of each, where the store can
+    /// tell cheaply (memory only).
+    pub fn entries(&self) -> Option<((u64, u64), u64)> {
         match self {
-            AnyStore::Memory(store) => Some(store.entries()),
+            AnyStore::Memory(store) => Some((store.entries(), store.capacity())),
             AnyStore::Redis(_) => None,
+        }
+    }
+
+    /// Claims refused because the store was full of claims in flight (memory only).
+    pub fn refused(&self) -> u64 {
+        match self {
+            AnyStore::Memory(store) => store.refused(),
+            AnyStore::Redis(_) => 0,
         }
     }
 
