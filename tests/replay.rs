@@ -569,3 +569,39 @@ fn the_memory_store_remembers_exactly_the_last_capacity_deliveries() {
     assert_eq!(forgotten.header("x-lfguard-duplicate"), None);
     assert_eq!(backend.count(), 2 * CAPACITY + 1);
 }
+
+#[test]
+fn the_first_callback_after_a_redis_restart_is_delivered() {
+    let backend = Backend::start();
+    let (lfguard, redis) = start(Store::Redis, &backend, "");
+    let mut redis = redis.unwrap();
+    assert_eq!(lfguard.post(&Callback::signed(sms_body())).status, 200);
+    // No readiness probe touches the connection in between: the callback meets it dropped.
+    redis.stop();
+    redis.restart();
+    let response = lfguard.post(&Callback::signed(sms_body()));
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(backend.count(), 2);
+}
+
+#[test]
+fn a_claim_that_timed_out_while_redis_hung_does_not_block_the_retry() {
+    let backend = Backend::start();
+    let (lfguard, redis) = start(Store::Redis, &backend, "");
+    let redis = redis.unwrap();
+    assert_eq!(lfguard.post(&Callback::signed(sms_body())).status, 200);
+    let callback = Callback::signed(sms_body());
+    redis.pause(true);
+    let refused = lfguard.post(&callback);
+    assert_eq!(
+        (refused.status, refused.code().as_str()),
+        (503, "replay_store_unavailable")
+    );
+    // Redis executes the queued claim when it resumes; lfguard then releases it.
+    redis.pause(false);
+    lfguard.wait_for_log(|e| e["message"] == "released a replay claim left by a timed-out command");
+    let retry = lfguard.post(&callback.with_new_delivery_id());
+    assert_eq!(retry.status, 200, "{}", retry.text());
+    assert_eq!(retry.header("x-lfguard-duplicate"), None);
+    assert_eq!(backend.count(), 2);
+}

@@ -519,6 +519,17 @@ impl Redis {
         }
     }
 
+    /// SIGSTOP / SIGCONT: a Redis that hangs without closing its connections, and resumes.
+    pub fn pause(&self, paused: bool) {
+        let pid = self.child.as_ref().expect("redis is running").id();
+        let signal = if paused { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
