@@ -8,6 +8,7 @@
 //! to the end, and the most recently used one is taken first, so few connections stay warm.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -77,6 +78,111 @@ impl UpstreamTarget {
 /// keep-alive timeout (commonly 2 to 75 seconds); see `Upstream::send`.
 const LONG_IDLE: Duration = Duration::from_secs(1);
 
+/// What became of the request being written on one backend connection, shared between the
+/// connection's socket and the pool.
+#[derive(Debug, Default)]
+struct Written {
+    /// Some byte of the current request reached the socket: the backend may have read it.
+    any: AtomicBool,
+    /// Before the first write, check that the backend has not closed the connection.
+    check_open: AtomicBool,
+}
+
+impl Written {
+    fn start_request(&self, check_open: bool) {
+        self.any.store(false, Ordering::Relaxed);
+        self.check_open.store(check_open, Ordering::Relaxed);
+    }
+}
+
+/// A backend connection's socket that records whether a request was written at all, and on a
+/// long-idle connection refuses to write into one the backend has already closed: a request that
+/// fails with nothing written cannot have been read, so it is safe to send on a new connection.
+struct WatchedStream {
+    stream: TcpStream,
+    written: Arc<Written>,
+}
+
+impl WatchedStream {
+    /// `Err` when the backend closed (or reset) the connection: a pending end of stream seen by
+    /// peeking at one byte. Only before a request's first byte, and only where asked.
+    fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if !self.written.check_open.swap(false, Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        let mut probe = [0u8; 1];
+        let mut probe = tokio::io::ReadBuf::new(&mut probe);
+        match self.stream.poll_peek(cx, &mut probe) {
+            Poll::Ready(Ok(0)) => Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
+            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+            // Nothing to read (open and quiet), or bytes hyper will deal with.
+            Poll::Ready(Ok(_)) | Poll::Pending => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn record(&self, written: &Poll<std::io::Result<usize>>) {
+        if matches!(written, Poll::Ready(Ok(n)) if *n > 0) {
+            self.written.any.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for WatchedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WatchedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if let Poll::Ready(Err(err)) = self.poll_closed(cx) {
+            return Poll::Ready(Err(err));
+        }
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.record(&written);
+        written
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        if let Poll::Ready(Err(err)) = self.poll_closed(cx) {
+            return Poll::Ready(Err(err));
+        }
+        let written = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.record(&written);
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// A pooled connection's sender and what its socket recorded.
+struct Connection {
+    sender: SendRequest<Full<Bytes>>,
+    written: Arc<Written>,
+}
+
 /// Why the backend did not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -89,7 +195,7 @@ pub enum UpstreamError {
 }
 
 struct IdleConnection {
-    sender: SendRequest<Full<Bytes>>,
+    connection: Connection,
     since: Instant,
 }
 
@@ -120,12 +226,13 @@ impl Upstream {
     /// Sends a request whose URI is already in origin form.
     ///
     /// A kept-alive connection can be closed by the backend (its keep-alive timeout, a restart)
-    /// just as lfguard picks it: the request then fails before any answer, the backend having
-    /// dropped it unanswered. On a connection idle for `LONG_IDLE` or more (where backends' idle
-    /// timeouts fall) such a request is sent once more on a new connection rather than answered
-    /// 502, which would delay the callback until Linksfield's retry hours later; a backend that
-    /// did act on it gets it twice, as it would from that retry. Busy connections, reused within
-    /// moments, skip the copy this needs.
+    /// just as lfguard picks it. On a connection idle for `LONG_IDLE` or more (where backends'
+    /// idle timeouts fall), lfguard checks before writing that the backend has not closed it; a
+    /// request that then fails with not one byte written cannot have been read by the backend,
+    /// and is sent once more on a new connection rather than answered 502, which would delay the
+    /// callback until Linksfield's retry hours later. A request that went out is never sent
+    /// again, however it failed: the backend may have acted on it. Busy connections, reused
+    /// within moments, skip the check and the copy it needs.
     pub async fn send(
         self: &Arc<Self>,
         mut request: Request<Full<Bytes>>,
@@ -135,17 +242,19 @@ impl Upstream {
                 .expect("an authority is a valid header value");
             request.headers_mut().insert(header::HOST, host);
         }
-        while let Some((mut sender, idle_for)) = self.checkout() {
-            if sender.ready().await.is_err() {
+        while let Some((mut connection, idle_for)) = self.checkout() {
+            if connection.sender.ready().await.is_err() {
                 continue;
             }
-            let copy = (idle_for >= LONG_IDLE).then(|| copy_of(&request));
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.response(response, sender)),
+            let long_idle = idle_for >= LONG_IDLE;
+            connection.written.start_request(long_idle);
+            let copy = long_idle.then(|| copy_of(&request));
+            match connection.sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.response(response, connection)),
                 Err(mut err) => match (err.take_message(), copy) {
                     (Some(unsent), _) => request = unsent,
-                    (None, Some(copy)) if is_connection_lost(err.error()) => {
-                        tracing::info!(error = %err.error(), "a kept-alive backend connection was lost; sending once more on a new one");
+                    (None, Some(copy)) if !connection.written.any.load(Ordering::Relaxed) => {
+                        tracing::info!(error = %err.error(), "a kept-alive backend connection was closed before the request was written; sending it on a new one");
                         request = copy;
                         break;
                     }
@@ -153,9 +262,9 @@ impl Upstream {
                 },
             }
         }
-        let mut sender = self.connect().await?;
-        match sender.try_send_request(request).await {
-            Ok(response) => Ok(self.response(response, sender)),
+        let mut connection = self.connect().await?;
+        match connection.sender.try_send_request(request).await {
+            Ok(response) => Ok(self.response(response, connection)),
             Err(err) => Err(exchange_error(err.error())),
         }
     }
@@ -168,8 +277,9 @@ impl Upstream {
         loop {
             every.tick().await;
             let timeout = self.idle_timeout;
-            self.idle_connections()
-                .retain(|idle| idle.since.elapsed() < timeout && !idle.sender.is_closed());
+            self.idle_connections().retain(|idle| {
+                idle.since.elapsed() < timeout && !idle.connection.sender.is_closed()
+            });
         }
     }
 
@@ -180,31 +290,31 @@ impl Upstream {
     }
 
     /// The most recently used open connection and how long it has been idle.
-    fn checkout(&self) -> Option<(SendRequest<Full<Bytes>>, Duration)> {
+    fn checkout(&self) -> Option<(Connection, Duration)> {
         let mut idle = self.idle_connections();
-        while let Some(connection) = idle.pop() {
-            let idle_for = connection.since.elapsed();
-            if !connection.sender.is_closed() && idle_for < self.idle_timeout {
-                return Some((connection.sender, idle_for));
+        while let Some(pooled) = idle.pop() {
+            let idle_for = pooled.since.elapsed();
+            if !pooled.connection.sender.is_closed() && idle_for < self.idle_timeout {
+                return Some((pooled.connection, idle_for));
             }
         }
         None
     }
 
-    fn checkin(&self, sender: SendRequest<Full<Bytes>>) {
-        if sender.is_closed() {
+    fn checkin(&self, connection: Connection) {
+        if connection.sender.is_closed() {
             return;
         }
         let mut idle = self.idle_connections();
         if idle.len() < self.max_idle {
             idle.push(IdleConnection {
-                sender,
+                connection,
                 since: Instant::now(),
             });
         }
     }
 
-    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, UpstreamError> {
+    async fn connect(&self) -> Result<Connection, UpstreamError> {
         let authority = &self.target.authority;
         let connecting = TcpStream::connect(self.target.socket_host());
         let stream = match tokio::time::timeout(self.connect_timeout, connecting).await {
@@ -224,6 +334,11 @@ impl Upstream {
         };
         // Requests and answers are small and written whole; do not wait to coalesce them.
         let _ = stream.set_nodelay(true);
+        let written = Arc::new(Written::default());
+        let stream = WatchedStream {
+            stream,
+            written: written.clone(),
+        };
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -233,17 +348,17 @@ impl Upstream {
                 tracing::debug!(error = %err, "upstream connection ended");
             }
         });
-        Ok(sender)
+        Ok(Connection { sender, written })
     }
 
     fn response(
         self: &Arc<Self>,
         response: Response<Incoming>,
-        sender: SendRequest<Full<Bytes>>,
+        connection: Connection,
     ) -> Response<UpstreamBody> {
         response.map(|body| UpstreamBody {
             body,
-            reuse: Some((self.clone(), sender)),
+            reuse: Some((self.clone(), connection)),
         })
     }
 }
@@ -255,22 +370,6 @@ fn copy_of(request: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
     *copy.version_mut() = request.version();
     *copy.headers_mut() = request.headers().clone();
     copy
-}
-
-/// The connection ended (closed or reset by the backend) before any answer arrived.
-fn is_connection_lost(err: &hyper::Error) -> bool {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
-    if err.is_incomplete_message() || err.is_closed() {
-        return true;
-    }
-    std::error::Error::source(err)
-        .and_then(|source| source.downcast_ref::<std::io::Error>())
-        .is_some_and(|io| {
-            matches!(
-                io.kind(),
-                ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof
-            )
-        })
 }
 
 /// hyper's errors say "client error (Connect)" first; the causes say what happened.
@@ -288,13 +387,13 @@ fn exchange_error(err: &hyper::Error) -> UpstreamError {
 /// body has been read to the end; a body dropped half-read takes its connection with it.
 pub struct UpstreamBody {
     body: Incoming,
-    reuse: Option<(Arc<Upstream>, SendRequest<Full<Bytes>>)>,
+    reuse: Option<(Arc<Upstream>, Connection)>,
 }
 
 impl UpstreamBody {
     fn release_connection(&mut self) {
-        if let Some((upstream, sender)) = self.reuse.take() {
-            upstream.checkin(sender);
+        if let Some((upstream, connection)) = self.reuse.take() {
+            upstream.checkin(connection);
         }
     }
 }
@@ -357,5 +456,34 @@ mod tests {
         assert_eq!(socket("http://[::1]:8081"), ("::1".to_string(), 8081));
         assert_eq!(socket("http://backend"), ("backend".to_string(), 80));
         assert_eq!(socket("http://127.0.0.1:9"), ("127.0.0.1".to_string(), 9));
+    }
+
+    #[tokio::test]
+    async fn a_write_into_a_connection_the_backend_closed_is_refused_unwritten() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (mut backend, _) = accepted.unwrap();
+        let written = Arc::new(Written::default());
+        let mut stream = WatchedStream {
+            stream: client.unwrap(),
+            written: written.clone(),
+        };
+        // Open: the check passes and the write is recorded.
+        written.start_request(true);
+        stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(written.any.load(Ordering::Relaxed));
+        // The backend closes (its keep-alive timeout) before the next request.
+        backend.shutdown().await.unwrap();
+        drop(backend);
+        stream.stream.readable().await.unwrap();
+        written.start_request(true);
+        let err = stream
+            .write_all(b"POST / HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
+        assert!(!written.any.load(Ordering::Relaxed), "nothing was written");
     }
 }

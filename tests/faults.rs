@@ -260,51 +260,62 @@ fn a_backend_that_closes_each_connection_gets_every_callback() {
     assert_eq!(backend.accepted_connections(), 5);
 }
 
-/// A backend whose first connection answers one request and, idle for a while, is lost with the
-/// next one (reset as the backend reads it: its keep-alive timeout raced with lfguard's request).
-/// Later requests go as `then` says.
-fn lose_the_second_request(then: fn(&mut TcpStream) -> bool) -> (FakeBackend, Lfguard) {
+/// A backend whose first connection answers one request and, idle for a while, receives the next
+/// one, works on it for `work` and resets the connection. Later requests are answered.
+fn reset_after_reading_the_second_request(work: Duration) -> (FakeBackend, Lfguard) {
     let backend = FakeBackend::start(move |index, stream| match index {
-        0 => answer(stream, "{}"),
         1 => {
+            std::thread::sleep(work);
             reset(stream);
             false
         }
-        _ => then(stream),
+        _ => answer(stream, "{}"),
     });
     let lfguard = start_against(&backend.url(), "");
     assert!(forwarded(&lfguard.post(&Callback::signed(sms_body()))));
     // The scenario itself, not synchronisation: the kept-alive connection must have been idle
     // for as long as a backend's keep-alive timeout could be.
-    std::thread::sleep(Duration::from_millis(1200));
+    std::thread::sleep(Duration::from_millis(1300));
     (backend, lfguard)
 }
 
 #[test]
-fn a_request_lost_with_a_long_idle_connection_is_sent_once_more_on_a_new_one() {
-    let (backend, lfguard) = lose_the_second_request(|stream| answer(stream, "{}"));
-    let callback = Callback::signed(sms_body());
-    let response = lfguard.post(&callback);
-    assert!(forwarded(&response), "{response:?}");
-    let bodies = backend.bodies();
-    assert_eq!(bodies.len(), 3);
-    assert_eq!(bodies[1], callback.body);
-    assert_eq!(bodies[2], callback.body);
-    assert_eq!(backend.accepted_connections(), 2);
+fn a_request_the_backend_read_is_never_sent_again_even_on_a_long_idle_connection() {
+    for work in [Duration::ZERO, Duration::from_millis(500)] {
+        let (backend, lfguard) = reset_after_reading_the_second_request(work);
+        let callback = Callback::signed(sms_body());
+        let response = lfguard.post(&callback);
+        assert_eq!(
+            (response.status, response.code().as_str()),
+            (502, "upstream_unavailable"),
+            "{work:?}"
+        );
+        let bodies = backend.bodies();
+        assert_eq!(bodies.len(), 2, "{work:?}: sent again");
+        assert_eq!(bodies[1], callback.body);
+        // The claim was released: Linksfield's retry is forwarded.
+        assert!(forwarded(&lfguard.post(&callback.with_new_delivery_id())));
+        assert_eq!(backend.bodies().len(), 3);
+    }
 }
 
 #[test]
-fn a_request_lost_twice_is_not_sent_a_third_time() {
-    let (backend, lfguard) = lose_the_second_request(|stream| {
-        reset(stream);
+fn a_connection_the_backend_closed_while_idle_is_not_used() {
+    // The backend's keep-alive timeout: it closes each connection 300 ms after answering.
+    let backend = FakeBackend::start(|_, stream| {
+        answer(stream, "{}");
+        std::thread::sleep(Duration::from_millis(300));
         false
     });
-    let response = lfguard.post(&Callback::signed(sms_body()));
-    assert_eq!(
-        (response.status, response.code().as_str()),
-        (502, "upstream_unavailable")
-    );
-    assert_eq!(backend.bodies().len(), 3);
+    let lfguard = start_against(&backend.url(), "");
+    assert!(forwarded(&lfguard.post(&Callback::signed(sms_body()))));
+    std::thread::sleep(Duration::from_millis(1300));
+    let callback = Callback::signed(sms_body());
+    assert!(forwarded(&lfguard.post(&callback)));
+    let bodies = backend.bodies();
+    assert_eq!(bodies.len(), 2);
+    assert_eq!(bodies[1], callback.body);
+    assert_eq!(backend.accepted_connections(), 2);
 }
 
 #[test]
