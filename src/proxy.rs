@@ -240,7 +240,7 @@ impl Proxy {
             Err(rejection) => (
                 rejection.to_response(),
                 rejection.code(),
-                Some(rejection.message()),
+                Some(rejection.detail()),
             ),
         };
         record.emit(code, response.status().as_u16(), reason.as_deref());
@@ -403,9 +403,7 @@ impl Proxy {
         match tokio::time::timeout(self.config.server.body_read_timeout, limited.collect()).await {
             Err(_elapsed) => Err(Rejection::RequestTimeout),
             Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => Err(too_large),
-            Ok(Err(err)) => Err(Rejection::MalformedBody(format!(
-                "body could not be read: {err}"
-            ))),
+            Ok(Err(err)) => Err(Rejection::UnreadableBody(error_chain(err.as_ref()))),
             Ok(Ok(collected)) => Ok(collected.to_bytes()),
         }
     }
@@ -576,6 +574,17 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         Ok(Response::from_parts(parts, body.boxed()))
     }
+}
+
+/// An error and its causes, for the log.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let _ = write!(message, ": {cause}");
+        source = cause.source();
+    }
+    message
 }
 
 /// Headers that `Connection` declares hop-by-hop for this message. `keep-alive` and `close`, the

@@ -296,6 +296,11 @@ fn redis_down_fails_closed_and_recovers_without_restart() {
         (response.status, response.code().as_str()),
         (503, "replay_store_unavailable")
     );
+    // Where the store lives and how it failed go to the log, not to the caller.
+    assert_eq!(
+        response.json()["error"]["message"],
+        "replay store unavailable; retry later"
+    );
     assert_eq!(admin_get(lfguard.admin, "/readyz").status, 503);
     assert_eq!(
         backend.count(),
