@@ -1,5 +1,6 @@
-//! The request pipeline: limit → buffer → parse → verify → freshness → replay claim → forward →
-//! settle. `Proxy::handle` is the hyper service; each step is a named function below it.
+//! The request pipeline: request head → route → limit → buffer → parse → verify → freshness →
+//! replay claim → forward → settle. `Proxy::handle` is the hyper service; each step is a named
+//! function below it.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -18,6 +19,7 @@ use crate::body::{ProxyBody, full};
 use crate::config::{Config, OnDuplicate, VerifyMode};
 use crate::diagnose;
 use crate::error::Rejection;
+use crate::framing::HeadWatch;
 use crate::freshness::{self, Staleness};
 use crate::logging::RequestLine;
 use crate::metrics::Metrics;
@@ -29,7 +31,10 @@ use crate::upstream::Upstream;
 // Header names as `HeaderName`s: looking one up by `&str` parses and validates it every time.
 const SIGNATURE_HEADER: HeaderName = HeaderName::from_static("x-lf-md5");
 const DELIVERY_HEADER: HeaderName = HeaderName::from_static("x-lf-delivery");
-const OWN_HEADER_PREFIX: &str = "x-lfguard-";
+/// lfguard's own headers, whatever a client sends under this prefix (`_` read as `-`).
+const OWN_HEADER_PREFIX: &[u8] = b"x-lfguard-";
+/// The Linksfield headers lfguard verifies.
+const LINKSFIELD_HEADER_PREFIX: &[u8] = b"x-lf-";
 const MAX_DELIVERY_ID_LEN: usize = 128;
 
 /// Time an in-flight claim outlives the upstream timeout, so a claim never expires while its
@@ -64,6 +69,18 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// Methods a `[[routes]]` pass-through forwards; others (CONNECT, TRACE, extensions) are never
+/// passed through.
+const PASSTHROUGH_METHODS: [Method; 7] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+    Method::OPTIONS,
+];
+
 /// The client at the other end of one connection, formatted once rather than for every request.
 #[derive(Debug)]
 pub struct Peer {
@@ -72,6 +89,8 @@ pub struct Peer {
     address: String,
     /// The IP as the hop lfguard adds to `X-Forwarded-For`.
     forwarded_for: HeaderValue,
+    /// What the connection's raw bytes showed about each request head (see `framing`).
+    head_watch: Arc<HeadWatch>,
 }
 
 impl Peer {
@@ -81,7 +100,13 @@ impl Peer {
             address: addr.to_string(),
             forwarded_for: HeaderValue::from_str(&addr.ip().to_string())
                 .expect("an IP address is a valid header value"),
+            head_watch: Arc::default(),
         }
+    }
+
+    /// For the connection's `framing::Watched` socket.
+    pub fn head_watch(&self) -> &Arc<HeadWatch> {
+        &self.head_watch
     }
 }
 
@@ -255,6 +280,8 @@ impl Proxy {
         log: &mut RequestLog,
     ) -> Result<(Response<ProxyBody>, Accepted), Rejection> {
         let (parts, incoming) = request.into_parts();
+        // Heads that lfguard and the backend could read differently: refused on every route.
+        check_head(&parts.headers, peer)?;
 
         // Operators may pass a backend's own pages (health, status) through unverified.
         if self.is_passthrough(&parts) {
@@ -374,10 +401,13 @@ impl Proxy {
             .verification(log.metrics_partner(), result, mode.as_str());
     }
 
+    /// A `[[routes]]` prefix with `verify = false`, an ordinary method and a clean path (see
+    /// `is_clean_path`). Anything else takes the verified path.
     fn is_passthrough(&self, parts: &Parts) -> bool {
         let path = parts.uri.path();
         !self.config.routes.is_empty()
-            && !has_dot_segments(path)
+            && PASSTHROUGH_METHODS.contains(&parts.method)
+            && is_clean_path(path)
             && self
                 .config
                 .routes
@@ -504,8 +534,11 @@ impl Proxy {
         verification: Option<&RequestLog>,
     ) -> Request<Full<Bytes>> {
         let headers = &mut parts.headers;
-        // A client must not pass off its own x-lfguard-* headers as lfguard's verdict.
-        strip_hop_by_hop(headers, |name| name.as_str().starts_with(OWN_HEADER_PREFIX));
+        // A client must not pass off its own x-lfguard-* headers as lfguard's verdict, also not
+        // spelled with `_`, which CGI-style backends read as the same header.
+        strip_hop_by_hop(headers, |name| {
+            name_starts_with(name.as_str().as_bytes(), OWN_HEADER_PREFIX)
+        });
 
         if headers.contains_key(X_FORWARDED_FOR) {
             let mut forwarded_for = String::with_capacity(64);
@@ -576,6 +609,79 @@ impl Proxy {
     }
 }
 
+/// Request heads refused on every route before a body is read, because lfguard and a backend (or
+/// another proxy on the way) could act on them differently:
+/// - `Content-Length` together with `Transfer-Encoding` (the request-smuggling shape; hyper
+///   frames it by the chunked coding and drops `Content-Length` from the map, so the connection's
+///   own scanner says so);
+/// - several `Host` headers (RFC 9112 §3.2 requires 400);
+/// - a `Connection` header naming a header lfguard relies on or that frames the message: lfguard
+///   would drop it as hop-by-hop after checking it (`Connection: x-lf-md5, host` stripped the
+///   signature and `Host` from a verified request).
+fn check_head(headers: &HeaderMap, peer: &Peer) -> Result<(), Rejection> {
+    let ambiguous = peer.head_watch.next_request_is_ambiguous();
+    if ambiguous
+        || (headers.contains_key(header::TRANSFER_ENCODING)
+            && headers.contains_key(header::CONTENT_LENGTH))
+    {
+        return Err(Rejection::MalformedRequest(
+            "Content-Length together with Transfer-Encoding".into(),
+        ));
+    }
+    if headers.get_all(header::HOST).iter().nth(1).is_some() {
+        return Err(Rejection::MalformedRequest("several Host headers".into()));
+    }
+    if headers.contains_key(header::CONNECTION)
+        && connection_tokens(headers).any(|name| is_protected(name.as_bytes()))
+    {
+        return Err(Rejection::MalformedRequest(
+            "Connection names Host, Content-Type, Content-Length, Transfer-Encoding or an x-lf-* \
+             or x-lfguard-* header"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The names a `Connection` header lists.
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
+/// Headers no `Connection` header may declare hop-by-hop.
+fn is_protected(name: &[u8]) -> bool {
+    [
+        &b"host"[..],
+        b"content-type",
+        b"content-length",
+        b"transfer-encoding",
+    ]
+    .iter()
+    .any(|protected| same_name(name, protected))
+        || name_starts_with(name, LINKSFIELD_HEADER_PREFIX)
+        || name_starts_with(name, OWN_HEADER_PREFIX)
+}
+
+/// Compares a header name with a lowercase name, ignoring ASCII case and reading `_` as `-`:
+/// CGI and WSGI backends (`HTTP_X_LF_MD5`) see `x_lf_md5` and `x-lf-md5` as one header.
+fn same_name(name: &[u8], lowercase: &[u8]) -> bool {
+    name.len() == lowercase.len()
+        && name
+            .iter()
+            .zip(lowercase)
+            .all(|(&n, &l)| n.to_ascii_lowercase() == l || (n == b'_' && l == b'-'))
+}
+
+fn name_starts_with(name: &[u8], lowercase_prefix: &[u8]) -> bool {
+    name.len() >= lowercase_prefix.len()
+        && same_name(&name[..lowercase_prefix.len()], lowercase_prefix)
+}
+
 /// An error and its causes, for the log.
 fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut message = err.to_string();
@@ -626,13 +732,39 @@ fn under_prefix(path: &str, prefix: &str) -> bool {
     }
 }
 
-/// Whether a path has `.` or `..` segments, also percent-encoded or behind an encoded slash or a
-/// backslash: a backend that normalises such a path could serve a verified route through an
-/// unverified prefix (`/health/../callback`), so such paths never pass through unverified.
-fn has_dot_segments(path: &str) -> bool {
-    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
-    decoded
-        .split(['/', '\\'])
+/// Whether a path may pass through unverified: one that every backend reads as lfguard does.
+/// Refused: `.` and `..` segments; `;` (path parameters: Tomcat and Spring read
+/// `/health/..;/admin` as `/admin`); `\`; percent-encoded `.`, `/`, `\`, `;` and `%` (double
+/// encoding such as `%252e`); control characters (NUL) and non-ASCII, raw or encoded; a `%` not
+/// followed by two hex digits. A backend that normalises such a path could serve a verified
+/// route through an unverified prefix (`/health/../callback`).
+fn is_clean_path(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    let mut at = 0;
+    while let Some(&byte) = bytes.get(at) {
+        let byte = if byte == b'%' {
+            let decoded = bytes
+                .get(at + 1..at + 3)
+                .filter(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+                .and_then(|hex| std::str::from_utf8(hex).ok())
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+            match decoded {
+                Some(b'.' | b'/' | b'%') | None => return false,
+                Some(decoded) => {
+                    at += 3;
+                    decoded
+                }
+            }
+        } else {
+            at += 1;
+            byte
+        };
+        if matches!(byte, b';' | b'\\') || !(b' '..0x7f).contains(&byte) {
+            return false;
+        }
+    }
+    !path
+        .split('/')
         .any(|segment| segment == "." || segment == "..")
 }
 
@@ -783,23 +915,97 @@ mod tests {
     }
 
     #[test]
-    fn passthrough_prefixes_match_whole_segments_without_dot_segments() {
+    fn passthrough_prefixes_match_whole_segments() {
         assert!(under_prefix("/health", "/health"));
         assert!(under_prefix("/health/live", "/health"));
         assert!(!under_prefix("/healthx", "/health"));
         assert!(under_prefix("/static/x", "/static/"));
-        for path in [
-            "/health/../callback",
-            "/health/./x",
-            "/health/%2e%2e/callback",
-            "/health/%2E./x",
-            "/health%2f..%2fcallback",
-            "/health\\..\\callback",
-            "/health/..",
-        ] {
-            assert!(has_dot_segments(path), "{path}");
+    }
+
+    /// Paths a pass-through route may forward unverified, and those it must not.
+    #[test]
+    fn clean_paths() {
+        let table = [
+            ("/health", true),
+            ("/health/live", true),
+            ("/health/live.json", true),
+            ("/health/...x", true),
+            ("/health/a%20b", true),
+            ("/health/%41%7e", true),
+            ("/health/x-y_z~1", true),
+            // dot segments, raw or behind encodings
+            ("/health/../callback", false),
+            ("/health/./x", false),
+            ("/health/..", false),
+            ("/health/.", false),
+            ("/health/%2e%2e/callback", false),
+            ("/health/%2E./x", false),
+            ("/health/.%2e/x", false),
+            ("/health%2f..%2fcallback", false),
+            ("/health\\..\\callback", false),
+            // path parameters (Tomcat/Spring: /health/..;/admin is /admin)
+            ("/health/..;/admin", false),
+            ("/health;jsessionid=1", false),
+            ("/health/%3b/admin", false),
+            ("/health/%3B", false),
+            // encoded separators
+            ("/health%2Fadmin", false),
+            ("/health%5cadmin", false),
+            ("/health%5C..%5Cadmin", false),
+            ("/health\\admin", false),
+            // double encoding
+            ("/health/%252e%252e/admin", false),
+            ("/health/%25", false),
+            ("/health/100%", false),
+            ("/health/%2", false),
+            ("/health/%zz", false),
+            ("/health/%+f", false),
+            // NUL, controls, non-ASCII
+            ("/health/%00", false),
+            ("/health/%0a", false),
+            ("/health/%7f", false),
+            ("/health/%c3%a9", false),
+            ("/health/\u{e9}", false),
+        ];
+        for (path, clean) in table {
+            assert_eq!(is_clean_path(path), clean, "{path}");
         }
-        assert!(!has_dot_segments("/health/live.json"));
-        assert!(!has_dot_segments("/health/...x"));
+    }
+
+    #[test]
+    fn own_and_protected_header_names() {
+        for (name, own) in [
+            ("x-lfguard-verified", true),
+            ("x_lfguard_verified", true),
+            ("x-lfguard_key-id", true),
+            ("X_LFGUARD_PARTNER_CODE", true),
+            ("x-lfguard", false),
+            ("x-lfguardverified", false),
+            ("x-lf-md5", false),
+        ] {
+            assert_eq!(
+                name_starts_with(name.as_bytes(), OWN_HEADER_PREFIX),
+                own,
+                "{name}"
+            );
+        }
+        for (name, protected) in [
+            ("Host", true),
+            ("content-type", true),
+            ("Content_Length", true),
+            ("transfer-encoding", true),
+            ("x-lf-md5", true),
+            ("X_LF_DELIVERY", true),
+            ("x-lfguard-verified", true),
+            ("x_lfguard_anything", true),
+            ("keep-alive", false),
+            ("close", false),
+            ("upgrade", false),
+            ("x-drop-me", false),
+            ("x-lfx", false),
+            ("hostname", false),
+        ] {
+            assert_eq!(is_protected(name.as_bytes()), protected, "{name}");
+        }
     }
 }
