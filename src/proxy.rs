@@ -1,6 +1,6 @@
 //! The request pipeline: request head → route → limit → buffer → parse → verify → freshness →
-//! replay claim → forward → settle. `Proxy::handle` is the hyper service; each step is a named
-//! function below it.
+//! replay claim → deliver (forward and settle). `Proxy::handle` is the hyper service; each step is
+//! a named function below it.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -123,11 +123,14 @@ pub struct RequestLog {
     /// The check a report-mode request failed (it was forwarded anyway).
     pub failure: Option<&'static str>,
     pub upstream_seconds: Option<f64>,
+    /// The request was handed to a delivery that runs to the end whatever the client does.
+    pub delivering: bool,
 }
 
 /// Emits a request's log event and metrics exactly once: when the pipeline finishes, or when
 /// hyper drops the request because the client went away before the answer (code
-/// `client_closed`, status 499), which can happen after the backend already received it.
+/// `client_closed`, status 499), which can happen after the backend already received it (a
+/// verified callback's delivery then carries on without the client; see `Proxy::deliver`).
 struct Record<'p> {
     proxy: &'p Proxy,
     started: Instant,
@@ -181,11 +184,13 @@ impl<'p> Record<'p> {
 impl Drop for Record<'_> {
     fn drop(&mut self) {
         if !self.emitted {
-            self.emit(
-                "client_closed",
-                499,
-                Some("the client closed the connection before the answer"),
-            );
+            let reason = if self.log.delivering {
+                "the client closed the connection before the answer; the delivery to the backend \
+                 goes on and its answer settles the replay claim"
+            } else {
+                "the client closed the connection before the answer"
+            };
+            self.emit("client_closed", 499, Some(reason));
         }
     }
 }
@@ -333,21 +338,12 @@ impl Proxy {
             }
         };
         self.count_verification(log, "valid");
-        let forward = self.upstream_request(parts, body, peer, Some(log));
-        let result = self.send_upstream(forward, log).await;
 
-        // Settle: only a 2xx from the backend makes the callback delivered; anything else frees
-        // the key so Linksfield's retry is forwarded again.
-        let delivered = matches!(&result, Ok(response) if response.status().is_success());
-        let settled = if delivered {
-            guard.settle(self.config.replay.window).await
-        } else {
-            guard.release().await
-        };
-        if let Err(err) = settled {
-            tracing::warn!(error = %err, delivered, "could not settle the replay claim");
-        }
-        Ok((result?, Accepted::Forwarded))
+        // Deliver: forward, and settle the claim on the backend's answer, which runs to the end
+        // even if the client hangs up.
+        let forward = self.upstream_request(parts, body, peer, Some(log));
+        let response = self.deliver(forward, guard, log).await?;
+        Ok((response, Accepted::Forwarded))
     }
 
     /// The checks that report mode may waive. Returns the replay key.
@@ -586,27 +582,83 @@ impl Proxy {
         Request::from_parts(parts, Full::new(body))
     }
 
-    /// Sends to the backend within `upstream.timeout` and relays its answer, streaming the body.
+    /// Forwards a request that holds no replay claim (pass-through, report-mode failures). It is
+    /// part of the request's own future: a client that goes away cancels it, which settles
+    /// nothing because there is no claim.
     async fn send_upstream(
         &self,
         request: Request<Full<Bytes>>,
         log: &mut RequestLog,
     ) -> Result<Response<ProxyBody>, Rejection> {
-        let started = Instant::now();
-        let result =
-            tokio::time::timeout(self.config.upstream.timeout, self.upstream.send(request)).await;
-        log.upstream_seconds = Some(started.elapsed().as_secs_f64());
-        let response = match result {
-            Err(_elapsed) => return Err(Rejection::UpstreamTimeout),
-            Ok(Err(err)) => return Err(Rejection::UpstreamUnavailable(err.to_string())),
-            Ok(Ok(response)) => response,
-        };
-        let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers, |_| false);
-        // lfguard speaks HTTP/1.1 to its client whatever the backend spoke.
-        parts.version = Version::HTTP_11;
-        Ok(Response::from_parts(parts, body.boxed()))
+        let (result, seconds) =
+            exchange(&self.upstream, self.config.upstream.timeout, request).await;
+        log.upstream_seconds = Some(seconds);
+        result
     }
+
+    /// Forwards a verified callback and settles its claim on the backend's answer: a 2xx makes
+    /// the callback delivered; anything else (non-2xx, timeout, unreachable) frees the key so
+    /// Linksfield's retry is forwarded again. Both run in a task of their own: once the request is
+    /// on its way, a client that hangs up (hyper then drops the request's future) cannot cut the
+    /// exchange short and free the claim while the backend may still accept the callback; the
+    /// backend's real answer settles it, and copies meanwhile get `in_flight`.
+    async fn deliver(
+        &self,
+        request: Request<Full<Bytes>>,
+        guard: ClaimGuard,
+        log: &mut RequestLog,
+    ) -> Result<Response<ProxyBody>, Rejection> {
+        let upstream = self.upstream.clone();
+        let timeout = self.config.upstream.timeout;
+        let window = self.config.replay.window;
+        log.delivering = true;
+        let delivery = tokio::spawn(async move {
+            let (result, seconds) = exchange(&upstream, timeout, request).await;
+            let delivered = matches!(&result, Ok(response) if response.status().is_success());
+            let settled = if delivered {
+                guard.settle(window).await
+            } else {
+                guard.release().await
+            };
+            if let Err(err) = settled {
+                tracing::warn!(error = %err, delivered, "could not settle the replay claim");
+            }
+            (result, seconds)
+        });
+        // A panic in the task dropped the guard, which released the claim.
+        let (result, seconds) = delivery.await.map_err(|err| {
+            Rejection::UpstreamUnavailable(format!("the delivery task failed: {err}"))
+        })?;
+        log.upstream_seconds = Some(seconds);
+        result
+    }
+}
+
+/// Sends to the backend within `timeout` and relays its answer, streaming the body. Also returns
+/// the seconds the backend took.
+async fn exchange(
+    upstream: &Arc<Upstream>,
+    timeout: Duration,
+    request: Request<Full<Bytes>>,
+) -> (Result<Response<ProxyBody>, Rejection>, f64) {
+    let started = Instant::now();
+    let result = tokio::time::timeout(timeout, upstream.send(request)).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let response = match result {
+        Err(_elapsed) => return (Err(Rejection::UpstreamTimeout), seconds),
+        Ok(Err(err)) => {
+            return (
+                Err(Rejection::UpstreamUnavailable(err.to_string())),
+                seconds,
+            );
+        }
+        Ok(Ok(response)) => response,
+    };
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers, |_| false);
+    // lfguard speaks HTTP/1.1 to its client whatever the backend spoke.
+    parts.version = Version::HTTP_11;
+    (Ok(Response::from_parts(parts, body.boxed())), seconds)
 }
 
 /// Request heads refused on every route before a body is read, because lfguard and a backend (or
