@@ -5,20 +5,21 @@
 //! (RFC 9112 §6.1), but it drops `Content-Length` from the header map, so the service cannot tell
 //! it from a plainly chunked request. lfguard refuses it (the request-smuggling shape, which
 //! other parsers on the way may frame differently), so it watches the bytes of each connection as
-//! hyper reads them: `Watched` wraps the socket, and `Scanner` follows the messages with hyper's
-//! own head parser (httparse, default settings, the same header limit) and hyper's body framing
-//! (`Content-Length`, or the chunked coding exactly as hyper decodes it), noting which request of
-//! the connection, counted from 0, had both headers. The service counts the requests hyper gives
-//! it (`HeadWatch::next_request_is_ambiguous`) and refuses that one. Both run in the connection's
-//! task: hyper cannot parse a head before the scanner has seen its bytes.
+//! hyper reads them: `Watched` wraps the socket, and `Scanner` follows the messages, finding each
+//! head's end and framing headers as hyper's parser (httparse) reads them and skipping each body
+//! as hyper frames it (`Content-Length`, or the chunked coding exactly as hyper decodes it),
+//! noting which request of the connection, counted from 0, had both headers. The service counts
+//! the requests hyper gives it (`HeadWatch::next_request_is_ambiguous`) and refuses that one. Both
+//! run in the connection's task: hyper cannot parse a head before the scanner has seen its bytes.
 //!
-//! Where hyper refuses a message (bad framing, too many headers) the connection ends, so the
-//! scanner need not agree with hyper past that point; where hyper accepts one, the scanner reads
-//! it the same way. Should it ever lose track all the same, it stops watching, and the connection
-//! gets hyper's own handling (chunked framing wins, the connection closes afterwards).
+//! Where hyper refuses a message (a malformed head, bad framing, a limit) the connection ends, so
+//! the scanner need not agree with hyper past that point; where hyper accepts one, the scanner
+//! reads it the same way (the unit tests hold it to httparse). It does not validate heads, which
+//! keeps it to a scan for line ends: a few hundred instructions a request. Should it ever lose
+//! track all the same, it stops watching, and the connection gets hyper's own handling (chunked
+//! framing wins, the connection closes afterwards).
 
 use std::io;
-use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,9 +28,6 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 const NONE: u64 = u64::MAX;
-
-/// Headers httparse gets room for on the stack; a larger `server.max_headers` uses the heap.
-const STACK_HEADERS: usize = 128;
 
 /// Shared by a connection's `Watched` socket and the service serving its requests.
 #[derive(Debug)]
@@ -67,10 +65,11 @@ pub struct Watched<S> {
 }
 
 impl<S> Watched<S> {
-    pub fn new(inner: S, watch: Arc<HeadWatch>, max_headers: usize, max_head_bytes: usize) -> Self {
+    /// `max_head_bytes`: a longer head is refused by hyper (`server.max_header_bytes`).
+    pub fn new(inner: S, watch: Arc<HeadWatch>, max_head_bytes: usize) -> Self {
         Watched {
             inner,
-            scanner: Scanner::new(max_headers, max_head_bytes),
+            scanner: Scanner::new(max_head_bytes),
             watch,
         }
     }
@@ -161,11 +160,11 @@ pub struct Scanner {
     pending: Vec<u8>,
     /// Complete heads seen so far.
     heads: u64,
-    max_headers: usize,
     max_head_bytes: usize,
 }
 
 /// How a head frames its body, as hyper decides it for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Framing {
     Body(State),
     /// Both `Content-Length` and `Transfer-Encoding`.
@@ -173,12 +172,11 @@ enum Framing {
 }
 
 impl Scanner {
-    pub fn new(max_headers: usize, max_head_bytes: usize) -> Self {
+    pub fn new(max_head_bytes: usize) -> Self {
         Scanner {
             state: State::Head,
             pending: Vec::new(),
             heads: 0,
-            max_headers,
             max_head_bytes,
         }
     }
@@ -201,21 +199,21 @@ impl Scanner {
         while !bytes.is_empty() {
             match self.state {
                 State::Stopped => return None,
-                State::Head => match self.head(bytes) {
-                    Ok(Some((length, Framing::Body(next)))) => {
+                State::Head => match head(bytes) {
+                    Some((length, Framing::Body(next))) => {
                         self.heads += 1;
                         self.state = next;
                         bytes = &bytes[length..];
                     }
-                    Ok(Some((_, Framing::Ambiguous))) => {
+                    Some((_, Framing::Ambiguous)) => {
                         self.state = State::Stopped;
                         return Some(self.heads);
                     }
-                    Ok(None) if bytes.len() <= self.max_head_bytes => {
+                    None if bytes.len() <= self.max_head_bytes => {
                         self.pending.extend_from_slice(bytes);
                         return None;
                     }
-                    Ok(None) | Err(()) => self.state = State::Stopped,
+                    None => self.state = State::Stopped,
                 },
                 State::Length(left) => {
                     let taken = usize::try_from(left).map_or(bytes.len(), |l| l.min(bytes.len()));
@@ -249,44 +247,58 @@ impl Scanner {
         }
         None
     }
+}
 
-    /// Parses a head at the start of `bytes` as hyper does: `Ok(None)` while incomplete,
-    /// `Err` where hyper refuses it.
-    fn head(&self, bytes: &[u8]) -> Result<Option<(usize, Framing)>, ()> {
-        let mut stack = [MaybeUninit::<httparse::Header<'_>>::uninit(); STACK_HEADERS];
-        let mut heap;
-        let headers = if self.max_headers <= STACK_HEADERS {
-            &mut stack[..self.max_headers]
-        } else {
-            heap = vec![MaybeUninit::<httparse::Header<'_>>::uninit(); self.max_headers];
-            &mut heap[..]
-        };
-        let mut request = httparse::Request::new(&mut []);
-        let length = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
-            &mut request,
-            bytes,
-            headers,
-        ) {
-            Ok(httparse::Status::Complete(length)) => length,
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(_) => return Err(()),
-        };
-        Ok(Some((length, framing(request.headers))))
+/// The end of the request head at the start of `bytes` and how it frames its body, or `None`
+/// while it is incomplete. Read as httparse reads every head it accepts: empty lines before the
+/// request line are skipped, a line ends in LF or CRLF, the first empty line ends the head, and a
+/// header is `name:value` (no blank before the colon) with blanks around the value trimmed.
+/// Heads httparse refuses end the connection, so how they are read here does not matter.
+fn head(bytes: &[u8]) -> Option<(usize, Framing)> {
+    let mut start = 0;
+    loop {
+        match &bytes[start..] {
+            [b'\r', b'\n', ..] => start += 2,
+            [b'\n', ..] => start += 1,
+            [] | [b'\r'] => return None,
+            _ => break,
+        }
     }
+    let mut transfer_encoding = None;
+    let mut content_length = None;
+    let mut line_start = start;
+    for newline in memchr::memchr_iter(b'\n', &bytes[start..]) {
+        let line = &bytes[line_start..start + newline];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let request_line = line_start == start;
+        line_start = start + newline + 1;
+        if request_line {
+            continue;
+        }
+        if line.is_empty() {
+            return Some((line_start, framing(transfer_encoding, content_length)));
+        }
+        if let Some(value) = header_value(line, b"transfer-encoding") {
+            transfer_encoding = Some(is_chunked(value));
+        } else if content_length.is_none()
+            && let Some(value) = header_value(line, b"content-length")
+        {
+            content_length = Some(digits(value));
+        }
+    }
+    None
+}
+
+/// The value of a header line if its name is `name` (lowercase), in any case.
+fn header_value<'l>(line: &'l [u8], name: &[u8]) -> Option<&'l [u8]> {
+    let value = line.get(name.len() + 1..)?;
+    (line[name.len()] == b':' && line[..name.len()].eq_ignore_ascii_case(name))
+        .then(|| value.trim_ascii())
 }
 
 /// hyper's request framing: the last `Transfer-Encoding` ending in `chunked` makes the body
-/// chunked (any other is refused); else `Content-Length` (digits only); else no body.
-fn framing(headers: &[httparse::Header<'_>]) -> Framing {
-    let mut transfer_encoding = None;
-    let mut content_length = None;
-    for header in headers {
-        if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            transfer_encoding = Some(is_chunked(header.value));
-        } else if header.name.eq_ignore_ascii_case("content-length") && content_length.is_none() {
-            content_length = Some(digits(header.value));
-        }
-    }
+/// chunked (any other is refused); else the first `Content-Length` (digits only); else no body.
+fn framing(transfer_encoding: Option<bool>, content_length: Option<Option<u64>>) -> Framing {
     match (transfer_encoding, content_length) {
         (Some(_), Some(_)) => Framing::Ambiguous,
         (Some(true), None) => Framing::Body(State::Chunked(Chunk::Start)),
@@ -355,10 +367,11 @@ fn chunk_step(chunk: Chunk, byte: u8) -> Option<Option<Chunk>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     /// Feeds `bytes` in pieces of `step` bytes; returns the ambiguous request's index.
     fn scan(bytes: &[u8], step: usize) -> Option<u64> {
-        let mut scanner = Scanner::new(64, 16 * 1024);
+        let mut scanner = Scanner::new(16 * 1024);
         let mut found = None;
         for piece in bytes.chunks(step) {
             if let Some(index) = scanner.feed(piece) {
@@ -400,24 +413,29 @@ mod tests {
 
     #[test]
     fn stops_where_hyper_would_end_the_connection() {
-        // A head hyper refuses, then one with both headers: hyper never reads the second.
-        let bad = "GET / HTTP/1.1\r\nBad Header: x\r\n\r\n";
+        // Framing hyper refuses, then a head with both headers: hyper never reads the second.
         let cl_te = "POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
-        assert_eq!(scan(format!("{bad}{cl_te}").as_bytes(), 4096), None);
+        for bad in [
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nz\r\n",
+        ] {
+            assert_eq!(
+                scan(format!("{bad}{cl_te}").as_bytes(), 4096),
+                None,
+                "{bad:?}"
+            );
+        }
         // A head longer than the limit.
-        let mut scanner = Scanner::new(64, 16);
+        let mut scanner = Scanner::new(16);
         assert_eq!(scanner.feed(b"GET /aaaaaaaaaaaaaaaaaaaaaaaa"), None);
-        assert_eq!(scanner.state, State::Stopped);
-        // Too many headers for `server.max_headers`.
-        let mut scanner = Scanner::new(1, 16 * 1024);
-        scanner.feed(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n");
         assert_eq!(scanner.state, State::Stopped);
     }
 
     #[test]
     fn chunked_coding_as_hyper_reads_it() {
         let framed = |body: &str| {
-            let mut scanner = Scanner::new(64, 16 * 1024);
+            let mut scanner = Scanner::new(16 * 1024);
             scanner.feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
             scanner.feed(body.as_bytes());
             scanner.state
@@ -441,6 +459,105 @@ mod tests {
         assert_eq!(digits(b"123"), Some(123));
         assert_eq!(digits(b"+1"), None);
         assert_eq!(digits(b""), None);
+    }
+
+    /// A head as httparse (hyper's parser, default settings) reads it: its length and framing,
+    /// or `None` where it is incomplete or refused.
+    fn httparse_head(bytes: &[u8]) -> Result<Option<(usize, Framing)>, ()> {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(bytes) {
+            Ok(httparse::Status::Complete(length)) => {
+                let mut transfer_encoding = None;
+                let mut content_length = None;
+                for header in request.headers.iter() {
+                    if header.name.eq_ignore_ascii_case("transfer-encoding") {
+                        transfer_encoding = Some(is_chunked(header.value));
+                    } else if header.name.eq_ignore_ascii_case("content-length")
+                        && content_length.is_none()
+                    {
+                        content_length = Some(digits(header.value));
+                    }
+                }
+                Ok(Some((length, framing(transfer_encoding, content_length))))
+            }
+            Ok(httparse::Status::Partial) => Ok(None),
+            Err(_) => Err(()),
+        }
+    }
+
+    fn generated_head() -> impl Strategy<Value = Vec<u8>> {
+        let eol = || prop::sample::select(vec!["\r\n", "\n"]);
+        let name = prop::sample::select(vec![
+            "Content-Length",
+            "content-length",
+            "CONTENT-LENGTH",
+            "Transfer-Encoding",
+            "transfer-encoding",
+            "TRANSFER-encoding",
+            "TE",
+            "Host",
+            "X-Transfer-Encoding",
+            "Content-Lengths",
+            "Content_Length",
+            "transfer-encodin",
+        ]);
+        let value = prop::sample::select(vec![
+            "5",
+            "0",
+            "12",
+            "007",
+            "chunked",
+            "Chunked",
+            "gzip, chunked",
+            "chunked, gzip",
+            "abc",
+            "",
+            "1 2",
+            "chunked,",
+            "x:y",
+        ]);
+        let blank = || prop::sample::select(vec!["", " ", "\t", "  \t"]);
+        let header = (name, blank(), value, blank(), eol())
+            .prop_map(|(n, b1, v, b2, e)| format!("{n}:{b1}{v}{b2}{e}"));
+        (
+            prop::sample::select(vec!["", "\r\n", "\n", "\r\n\n"]),
+            prop::sample::select(vec![
+                "POST /p HTTP/1.1",
+                "GET / HTTP/1.0",
+                "PUT /a?b=c HTTP/1.1",
+            ]),
+            eol(),
+            prop::collection::vec(header, 0..6),
+            eol(),
+            prop::option::of((any::<prop::sample::Index>(), any::<u8>())),
+        )
+            .prop_map(|(lead, line, e1, headers, end, mutation)| {
+                let mut bytes = format!("{lead}{line}{e1}{}{end}", headers.concat()).into_bytes();
+                if let Some((at, byte)) = mutation {
+                    bytes.insert(at.index(bytes.len() + 1), byte);
+                }
+                bytes.extend_from_slice(b"BODY");
+                bytes
+            })
+    }
+
+    proptest! {
+        /// Wherever httparse accepts a head, the scanner finds the same end and framing, and
+        /// finds no end in any shorter prefix of it.
+        #[test]
+        fn heads_are_read_as_httparse_reads_them(bytes in generated_head()) {
+            match httparse_head(&bytes) {
+                Ok(Some((length, framing))) => {
+                    prop_assert_eq!(head(&bytes), Some((length, framing)));
+                    for prefix in 0..length {
+                        prop_assert_eq!(head(&bytes[..prefix]), None, "prefix {}", prefix);
+                    }
+                }
+                Ok(None) => prop_assert_eq!(head(&bytes), None),
+                Err(()) => {}
+            }
+        }
     }
 
     #[test]

