@@ -7,10 +7,19 @@ use http::{HeaderValue, Response, StatusCode, header};
 use crate::body::{ProxyBody, full};
 
 /// A refused request. Each variant has exactly one status and one documented code; the `String` is a
-/// human-readable detail that never contains a secret or a body value.
+/// human-readable detail that never contains a secret or a body value. The details of
+/// `UnreadableBody`, `UpstreamUnavailable` and `ReplayStoreUnavailable` are lfguard's own error
+/// texts (addresses, ports, OS errors): they go to the log (`detail`), never to the caller
+/// (`message`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
+    /// A request head lfguard will not act on: framing two parsers could read differently
+    /// (`Content-Length` with `Transfer-Encoding`), several `Host` headers, a `Connection` header
+    /// naming a header lfguard relies on.
+    MalformedRequest(String),
     MalformedBody(String),
+    /// The body could not be read to its end (cut short, bad chunk framing).
+    UnreadableBody(String),
     DuplicateKey(String),
     /// The body's string to sign also reads as another body, or the body does not match its
     /// route's schema.
@@ -41,7 +50,9 @@ pub enum Rejection {
 impl Rejection {
     pub fn status(&self) -> StatusCode {
         match self {
-            Rejection::MalformedBody(_)
+            Rejection::MalformedRequest(_)
+            | Rejection::MalformedBody(_)
+            | Rejection::UnreadableBody(_)
             | Rejection::DuplicateKey(_)
             | Rejection::AmbiguousBody(_)
             | Rejection::MissingTimestamp(_)
@@ -78,7 +89,9 @@ impl Rejection {
             | Rejection::Replay
             | Rejection::InFlight { .. }
             | Rejection::ReplayStoreUnavailable(_) => true,
-            Rejection::MalformedBody(_)
+            Rejection::MalformedRequest(_)
+            | Rejection::MalformedBody(_)
+            | Rejection::UnreadableBody(_)
             | Rejection::DuplicateKey(_)
             | Rejection::MethodNotAllowed
             | Rejection::RequestTimeout
@@ -92,7 +105,8 @@ impl Rejection {
     /// The stable machine-readable code of the README's error table, also the `code` label in logs and metrics.
     pub fn code(&self) -> &'static str {
         match self {
-            Rejection::MalformedBody(_) => "malformed_body",
+            Rejection::MalformedRequest(_) => "malformed_request",
+            Rejection::MalformedBody(_) | Rejection::UnreadableBody(_) => "malformed_body",
             Rejection::DuplicateKey(_) => "duplicate_key",
             Rejection::AmbiguousBody(_) => "ambiguous_body",
             Rejection::MissingTimestamp(_) => "missing_timestamp",
@@ -114,9 +128,15 @@ impl Rejection {
         }
     }
 
+    /// The message for the caller: what was wrong with the request, never anything about
+    /// lfguard's insides (addresses, ports, OS or library errors).
     pub fn message(&self) -> String {
         match self {
+            Rejection::MalformedRequest(detail) => format!("malformed request: {detail}"),
             Rejection::MalformedBody(detail) => format!("malformed body: {detail}"),
+            Rejection::UnreadableBody(_) => {
+                "malformed body: the body could not be read to its end".into()
+            }
             Rejection::DuplicateKey(detail) => format!("body has a {detail}"),
             Rejection::AmbiguousBody(detail) => format!("ambiguous body: {detail}"),
             Rejection::MissingTimestamp(detail) => detail.clone(),
@@ -136,11 +156,39 @@ impl Rejection {
             Rejection::UnsupportedMediaType => {
                 "content type must be application/json (or a form, where forms are accepted)".into()
             }
+            Rejection::UpstreamUnavailable(_) => "backend unreachable".into(),
+            Rejection::ReplayStoreUnavailable(_) => "replay store unavailable; retry later".into(),
+            Rejection::UpstreamTimeout => "backend did not answer in time".into(),
+        }
+    }
+
+    /// The message with lfguard's own error text where there is one: for the request's log line
+    /// (`reason`), not for the caller.
+    pub fn detail(&self) -> String {
+        match self {
+            Rejection::UnreadableBody(detail) => format!("body could not be read: {detail}"),
             Rejection::UpstreamUnavailable(detail) => format!("backend unreachable: {detail}"),
             Rejection::ReplayStoreUnavailable(detail) => {
                 format!("replay store unavailable: {detail}")
             }
-            Rejection::UpstreamTimeout => "backend did not answer in time".into(),
+            Rejection::MalformedRequest(_)
+            | Rejection::MalformedBody(_)
+            | Rejection::DuplicateKey(_)
+            | Rejection::AmbiguousBody(_)
+            | Rejection::MissingTimestamp(_)
+            | Rejection::MissingPartner(_)
+            | Rejection::MissingDeliveryId(_)
+            | Rejection::MissingSignature
+            | Rejection::BadSignature(_)
+            | Rejection::UnknownPartner
+            | Rejection::Stale(_)
+            | Rejection::MethodNotAllowed
+            | Rejection::RequestTimeout
+            | Rejection::Replay
+            | Rejection::InFlight { .. }
+            | Rejection::BodyTooLarge { .. }
+            | Rejection::UnsupportedMediaType
+            | Rejection::UpstreamTimeout => self.message(),
         }
     }
 
@@ -166,7 +214,24 @@ impl Rejection {
             Rejection::ReplayStoreUnavailable(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
-            _ => {}
+            Rejection::MalformedRequest(_)
+            | Rejection::MalformedBody(_)
+            | Rejection::UnreadableBody(_)
+            | Rejection::DuplicateKey(_)
+            | Rejection::AmbiguousBody(_)
+            | Rejection::MissingTimestamp(_)
+            | Rejection::MissingPartner(_)
+            | Rejection::MissingDeliveryId(_)
+            | Rejection::MissingSignature
+            | Rejection::BadSignature(_)
+            | Rejection::UnknownPartner
+            | Rejection::Stale(_)
+            | Rejection::RequestTimeout
+            | Rejection::Replay
+            | Rejection::BodyTooLarge { .. }
+            | Rejection::UnsupportedMediaType
+            | Rejection::UpstreamUnavailable(_)
+            | Rejection::UpstreamTimeout => {}
         }
         response
     }
@@ -180,7 +245,17 @@ mod tests {
     fn every_code_has_its_spec_status() {
         let all = [
             (
+                Rejection::MalformedRequest(String::new()),
+                400,
+                "malformed_request",
+            ),
+            (
                 Rejection::MalformedBody(String::new()),
+                400,
+                "malformed_body",
+            ),
+            (
+                Rejection::UnreadableBody(String::new()),
                 400,
                 "malformed_body",
             ),
@@ -242,5 +317,27 @@ mod tests {
             assert_eq!(rejection.code(), code);
             assert_eq!(rejection.to_response().status().as_u16(), status);
         }
+    }
+
+    #[test]
+    fn request_level_refusals_are_enforced_in_report_mode() {
+        assert!(!Rejection::MalformedRequest(String::new()).is_reportable());
+        assert!(!Rejection::UnreadableBody(String::new()).is_reportable());
+    }
+
+    /// lfguard's own error texts reach the log line, never the caller.
+    #[test]
+    fn internal_details_stay_out_of_messages() {
+        let inside = "cannot connect to 127.0.0.1:18099: Connection refused (os error 111)";
+        for rejection in [
+            Rejection::UpstreamUnavailable(inside.into()),
+            Rejection::ReplayStoreUnavailable(inside.into()),
+            Rejection::UnreadableBody(inside.into()),
+        ] {
+            assert!(!rejection.message().contains("127.0.0.1"), "{rejection:?}");
+            assert!(rejection.detail().contains(inside), "{rejection:?}");
+        }
+        let public = Rejection::MalformedRequest("several Host headers".into());
+        assert_eq!(public.detail(), public.message());
     }
 }

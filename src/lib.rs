@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod diagnose;
 pub mod error;
+pub mod framing;
 pub mod freshness;
 pub mod json_text;
 pub mod logging;

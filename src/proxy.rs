@@ -1,9 +1,12 @@
-//! The request pipeline: limit → buffer → parse → verify → freshness → replay claim → forward →
-//! settle. `Proxy::handle` is the hyper service; each step is a named function below it.
+//! The request pipeline: request head → route → limit → buffer → parse → verify → freshness →
+//! replay claim → deliver (forward and settle). `Proxy::handle` is the hyper service; each step is
+//! a named function below it.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -19,6 +22,7 @@ use crate::body::{ProxyBody, full};
 use crate::config::{Config, OnDuplicate, RouteConfig, VerifyMode};
 use crate::diagnose;
 use crate::error::Rejection;
+use crate::framing::HeadWatch;
 use crate::freshness::{self, Staleness};
 use crate::logging::RequestLine;
 use crate::metrics::Metrics;
@@ -30,7 +34,10 @@ use crate::upstream::Upstream;
 // Header names as `HeaderName`s: looking one up by `&str` parses and validates it every time.
 const SIGNATURE_HEADER: HeaderName = HeaderName::from_static("x-lf-md5");
 const DELIVERY_HEADER: HeaderName = HeaderName::from_static("x-lf-delivery");
-const OWN_HEADER_PREFIX: &str = "x-lfguard-";
+/// lfguard's own headers, whatever a client sends under this prefix (`_` read as `-`).
+const OWN_HEADER_PREFIX: &[u8] = b"x-lfguard-";
+/// The Linksfield headers lfguard verifies.
+const LINKSFIELD_HEADER_PREFIX: &[u8] = b"x-lf-";
 const MAX_DELIVERY_ID_LEN: usize = 128;
 
 /// Time an in-flight claim outlives the upstream timeout, so a claim never expires while its
@@ -65,6 +72,18 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// Methods a `[[routes]]` pass-through forwards; others (CONNECT, TRACE, extensions) are never
+/// passed through.
+const PASSTHROUGH_METHODS: [Method; 7] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+    Method::OPTIONS,
+];
+
 /// The client at the other end of one connection, formatted once rather than for every request.
 #[derive(Debug)]
 pub struct Peer {
@@ -73,6 +92,8 @@ pub struct Peer {
     address: String,
     /// The IP as the hop lfguard adds to `X-Forwarded-For`.
     forwarded_for: HeaderValue,
+    /// What the connection's raw bytes showed about each request head (see `framing`).
+    head_watch: Arc<HeadWatch>,
 }
 
 impl Peer {
@@ -82,7 +103,13 @@ impl Peer {
             address: addr.to_string(),
             forwarded_for: HeaderValue::from_str(&addr.ip().to_string())
                 .expect("an IP address is a valid header value"),
+            head_watch: Arc::default(),
         }
+    }
+
+    /// For the connection's `framing::Watched` socket.
+    pub fn head_watch(&self) -> &Arc<HeadWatch> {
+        &self.head_watch
     }
 }
 
@@ -99,11 +126,14 @@ pub struct RequestLog {
     /// The check a report-mode request failed (it was forwarded anyway).
     pub failure: Option<&'static str>,
     pub upstream_seconds: Option<f64>,
+    /// The request was handed to a delivery that runs to the end whatever the client does.
+    pub delivering: bool,
 }
 
 /// Emits a request's log event and metrics exactly once: when the pipeline finishes, or when
 /// hyper drops the request because the client went away before the answer (code
-/// `client_closed`, status 499), which can happen after the backend already received it.
+/// `client_closed`, status 499), which can happen after the backend already received it (a
+/// verified callback's delivery then carries on without the client; see `Proxy::deliver`).
 struct Record<'p> {
     proxy: &'p Proxy,
     started: Instant,
@@ -157,11 +187,13 @@ impl<'p> Record<'p> {
 impl Drop for Record<'_> {
     fn drop(&mut self) {
         if !self.emitted {
-            self.emit(
-                "client_closed",
-                499,
-                Some("the client closed the connection before the answer"),
-            );
+            let reason = if self.log.delivering {
+                "the client closed the connection before the answer; the delivery to the backend \
+                 goes on and its answer settles the replay claim"
+            } else {
+                "the client closed the connection before the answer"
+            };
+            self.emit("client_closed", 499, Some(reason));
         }
     }
 }
@@ -241,7 +273,7 @@ impl Proxy {
             Err(rejection) => (
                 rejection.to_response(),
                 rejection.code(),
-                Some(rejection.message()),
+                Some(rejection.detail()),
             ),
         };
         record.emit(code, response.status().as_u16(), reason.as_deref());
@@ -256,6 +288,8 @@ impl Proxy {
         log: &mut RequestLog,
     ) -> Result<(Response<ProxyBody>, Accepted), Rejection> {
         let (parts, incoming) = request.into_parts();
+        // Heads that lfguard and the backend could read differently: refused on every route.
+        check_head(&parts.headers, peer)?;
 
         // Operators may pass a backend's own pages (health, status) through unverified; other
         // routes may carry a member schema and their own overrides.
@@ -323,21 +357,12 @@ impl Proxy {
             }
         };
         self.count_verification(log, "valid");
-        let forward = self.upstream_request(parts, body, peer, Some(log));
-        let result = self.send_upstream(forward, log).await;
 
-        // Settle: only a 2xx from the backend makes the callback delivered; anything else frees
-        // the key so Linksfield's retry is forwarded again.
-        let delivered = matches!(&result, Ok(response) if response.status().is_success());
-        let settled = if delivered {
-            guard.settle(self.config.replay.window).await
-        } else {
-            guard.release().await
-        };
-        if let Err(err) = settled {
-            tracing::warn!(error = %err, delivered, "could not settle the replay claim");
-        }
-        Ok((result?, Accepted::Forwarded))
+        // Deliver: forward, and settle the claim on the backend's answer, which runs to the end
+        // even if the client hangs up.
+        let forward = self.upstream_request(parts, body, peer, Some(log));
+        let response = self.deliver(forward, guard, log).await?;
+        Ok((response, Accepted::Forwarded))
     }
 
     /// The checks that report mode may waive. Returns the replay key.
@@ -418,8 +443,10 @@ impl Proxy {
             .max_by_key(|route| route.path_prefix.len())
     }
 
+    /// On a `verify = false` route: an ordinary method and a clean path (see `is_clean_path`).
+    /// Anything else takes the verified path.
     fn is_passthrough(&self, parts: &Parts) -> bool {
-        !has_dot_segments(parts.uri.path())
+        PASSTHROUGH_METHODS.contains(&parts.method) && is_clean_path(parts.uri.path())
     }
 
     /// Buffers the body within `server.max_body_bytes` and `server.body_read_timeout`. A declared
@@ -440,9 +467,7 @@ impl Proxy {
         match tokio::time::timeout(self.config.server.body_read_timeout, limited.collect()).await {
             Err(_elapsed) => Err(Rejection::RequestTimeout),
             Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => Err(too_large),
-            Ok(Err(err)) => Err(Rejection::MalformedBody(format!(
-                "body could not be read: {err}"
-            ))),
+            Ok(Err(err)) => Err(Rejection::UnreadableBody(error_chain(err.as_ref()))),
             Ok(Ok(collected)) => Ok(collected.to_bytes()),
         }
     }
@@ -580,8 +605,11 @@ impl Proxy {
         verification: Option<&RequestLog>,
     ) -> Request<Full<Bytes>> {
         let headers = &mut parts.headers;
-        // A client must not pass off its own x-lfguard-* headers as lfguard's verdict.
-        strip_hop_by_hop(headers, |name| name.as_str().starts_with(OWN_HEADER_PREFIX));
+        // A client must not pass off its own x-lfguard-* headers as lfguard's verdict, also not
+        // spelled with `_`, which CGI-style backends read as the same header.
+        strip_hop_by_hop(headers, |name| {
+            name_starts_with(name.as_str().as_bytes(), OWN_HEADER_PREFIX)
+        });
 
         if headers.contains_key(X_FORWARDED_FOR) {
             let mut forwarded_for = String::with_capacity(64);
@@ -629,27 +657,207 @@ impl Proxy {
         Request::from_parts(parts, Full::new(body))
     }
 
-    /// Sends to the backend within `upstream.timeout` and relays its answer, streaming the body.
+    /// Forwards a request that holds no replay claim (pass-through, report-mode failures). It is
+    /// part of the request's own future: a client that goes away cancels it, which settles
+    /// nothing because there is no claim.
     async fn send_upstream(
         &self,
         request: Request<Full<Bytes>>,
         log: &mut RequestLog,
     ) -> Result<Response<ProxyBody>, Rejection> {
-        let started = Instant::now();
-        let result =
-            tokio::time::timeout(self.config.upstream.timeout, self.upstream.send(request)).await;
-        log.upstream_seconds = Some(started.elapsed().as_secs_f64());
-        let response = match result {
-            Err(_elapsed) => return Err(Rejection::UpstreamTimeout),
-            Ok(Err(err)) => return Err(Rejection::UpstreamUnavailable(err.to_string())),
-            Ok(Ok(response)) => response,
-        };
-        let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers, |_| false);
-        // lfguard speaks HTTP/1.1 to its client whatever the backend spoke.
-        parts.version = Version::HTTP_11;
-        Ok(Response::from_parts(parts, body.boxed()))
+        let (result, seconds) =
+            exchange(&self.upstream, self.config.upstream.timeout, request).await;
+        log.upstream_seconds = Some(seconds);
+        result
     }
+
+    /// Forwards a verified callback and settles its claim on the backend's answer: a 2xx makes
+    /// the callback delivered; anything else (non-2xx, timeout, unreachable) frees the key so
+    /// Linksfield's retry is forwarded again. Both run to the end whatever the client does: a
+    /// client that hangs up (hyper then drops the request's future) hands them to a task of their
+    /// own (`Detached`) instead of cutting the exchange short and freeing the claim while the
+    /// backend may still accept the callback; the backend's real answer settles it, and copies
+    /// meanwhile get `in_flight`. A task for every request would cost more (about 1,400
+    /// instructions a request) for the rare client that leaves.
+    async fn deliver(
+        &self,
+        request: Request<Full<Bytes>>,
+        guard: ClaimGuard,
+        log: &mut RequestLog,
+    ) -> Result<Response<ProxyBody>, Rejection> {
+        let upstream = self.upstream.clone();
+        let timeout = self.config.upstream.timeout;
+        let window = self.config.replay.window;
+        log.delivering = true;
+        let (result, seconds) = Detached::new(async move {
+            let (result, seconds) = exchange(&upstream, timeout, request).await;
+            let delivered = matches!(&result, Ok(response) if response.status().is_success());
+            let settled = if delivered {
+                guard.settle(window).await
+            } else {
+                guard.release().await
+            };
+            if let Err(err) = settled {
+                tracing::warn!(error = %err, delivered, "could not settle the replay claim");
+            }
+            (result, seconds)
+        })
+        .await;
+        log.upstream_seconds = Some(seconds);
+        result
+    }
+}
+
+/// A future that runs to completion even if dropped: dropped unfinished (hyper drops the
+/// request's future when the client goes away), it is handed to a task of its own, which goes on
+/// from where it was.
+struct Detached<F: Future + Send + 'static>(Option<Pin<Box<F>>>)
+where
+    F::Output: Send + 'static;
+
+impl<F: Future + Send + 'static> Detached<F>
+where
+    F::Output: Send + 'static,
+{
+    fn new(future: F) -> Self {
+        Detached(Some(Box::pin(future)))
+    }
+}
+
+impl<F: Future + Send + 'static> Future for Detached<F>
+where
+    F::Output: Send + 'static,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let future = self.0.as_mut().expect("not polled after completion");
+        let output = std::task::ready!(future.as_mut().poll(cx));
+        self.0 = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<F: Future + Send + 'static> Drop for Detached<F>
+where
+    F::Output: Send + 'static,
+{
+    fn drop(&mut self) {
+        // Not after a panic in the future itself: it cannot be resumed.
+        if let Some(future) = self.0.take()
+            && !std::thread::panicking()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(future);
+        }
+    }
+}
+
+/// Sends to the backend within `timeout` and relays its answer, streaming the body. Also returns
+/// the seconds the backend took.
+async fn exchange(
+    upstream: &Arc<Upstream>,
+    timeout: Duration,
+    request: Request<Full<Bytes>>,
+) -> (Result<Response<ProxyBody>, Rejection>, f64) {
+    let started = Instant::now();
+    let result = tokio::time::timeout(timeout, upstream.send(request)).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let response = match result {
+        Err(_elapsed) => return (Err(Rejection::UpstreamTimeout), seconds),
+        Ok(Err(err)) => {
+            return (
+                Err(Rejection::UpstreamUnavailable(err.to_string())),
+                seconds,
+            );
+        }
+        Ok(Ok(response)) => response,
+    };
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers, |_| false);
+    // lfguard speaks HTTP/1.1 to its client whatever the backend spoke.
+    parts.version = Version::HTTP_11;
+    (Ok(Response::from_parts(parts, body.boxed())), seconds)
+}
+
+/// Request heads refused on every route before a body is read, because lfguard and a backend (or
+/// another proxy on the way) could act on them differently:
+/// - `Content-Length` together with `Transfer-Encoding` (the request-smuggling shape; hyper
+///   frames it by the chunked coding and drops `Content-Length` from the map, so the connection's
+///   own scanner says so);
+/// - several `Host` headers (RFC 9112 §3.2 requires 400);
+/// - a `Connection` header naming a header lfguard relies on or that frames the message: lfguard
+///   would drop it as hop-by-hop after checking it (`Connection: x-lf-md5, host` stripped the
+///   signature and `Host` from a verified request).
+fn check_head(headers: &HeaderMap, peer: &Peer) -> Result<(), Rejection> {
+    if peer.head_watch.next_request_is_ambiguous() {
+        return Err(Rejection::MalformedRequest(
+            "Content-Length together with Transfer-Encoding".into(),
+        ));
+    }
+    if headers.get_all(header::HOST).iter().nth(1).is_some() {
+        return Err(Rejection::MalformedRequest("several Host headers".into()));
+    }
+    if headers.contains_key(header::CONNECTION)
+        && connection_tokens(headers).any(|name| is_protected(name.as_bytes()))
+    {
+        return Err(Rejection::MalformedRequest(
+            "Connection names Host, Content-Type, Content-Length, Transfer-Encoding or an x-lf-* \
+             or x-lfguard-* header"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The names a `Connection` header lists.
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
+/// Headers no `Connection` header may declare hop-by-hop.
+fn is_protected(name: &[u8]) -> bool {
+    [
+        &b"host"[..],
+        b"content-type",
+        b"content-length",
+        b"transfer-encoding",
+    ]
+    .iter()
+    .any(|protected| same_name(name, protected))
+        || name_starts_with(name, LINKSFIELD_HEADER_PREFIX)
+        || name_starts_with(name, OWN_HEADER_PREFIX)
+}
+
+/// Compares a header name with a lowercase name, ignoring ASCII case and reading `_` as `-`:
+/// CGI and WSGI backends (`HTTP_X_LF_MD5`) see `x_lf_md5` and `x-lf-md5` as one header.
+fn same_name(name: &[u8], lowercase: &[u8]) -> bool {
+    name.len() == lowercase.len()
+        && name
+            .iter()
+            .zip(lowercase)
+            .all(|(&n, &l)| n.to_ascii_lowercase() == l || (n == b'_' && l == b'-'))
+}
+
+fn name_starts_with(name: &[u8], lowercase_prefix: &[u8]) -> bool {
+    name.len() >= lowercase_prefix.len()
+        && same_name(&name[..lowercase_prefix.len()], lowercase_prefix)
+}
+
+/// An error and its causes, for the log.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let _ = write!(message, ": {cause}");
+        source = cause.source();
+    }
+    message
 }
 
 /// Headers that `Connection` declares hop-by-hop for this message. `keep-alive` and `close`, the
@@ -698,13 +906,39 @@ fn under_prefix_ignoring_case(path: &str, prefix: &str) -> bool {
         && (prefix.ends_with(b"/") || path.len() == prefix.len() || path[prefix.len()] == b'/')
 }
 
-/// Whether a path has `.` or `..` segments, also percent-encoded or behind an encoded slash or a
-/// backslash: a backend that normalises such a path could serve a verified route through an
-/// unverified prefix (`/health/../callback`), so such paths never pass through unverified.
-fn has_dot_segments(path: &str) -> bool {
-    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
-    decoded
-        .split(['/', '\\'])
+/// Whether a path may pass through unverified: one that every backend reads as lfguard does.
+/// Refused: `.` and `..` segments; `;` (path parameters: Tomcat and Spring read
+/// `/health/..;/admin` as `/admin`); `\`; percent-encoded `.`, `/`, `\`, `;` and `%` (double
+/// encoding such as `%252e`); control characters (NUL) and non-ASCII, raw or encoded; a `%` not
+/// followed by two hex digits. A backend that normalises such a path could serve a verified
+/// route through an unverified prefix (`/health/../callback`).
+fn is_clean_path(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    let mut at = 0;
+    while let Some(&byte) = bytes.get(at) {
+        let byte = if byte == b'%' {
+            let decoded = bytes
+                .get(at + 1..at + 3)
+                .filter(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+                .and_then(|hex| std::str::from_utf8(hex).ok())
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+            match decoded {
+                Some(b'.' | b'/' | b'%') | None => return false,
+                Some(decoded) => {
+                    at += 3;
+                    decoded
+                }
+            }
+        } else {
+            at += 1;
+            byte
+        };
+        if matches!(byte, b';' | b'\\') || !(b' '..0x7f).contains(&byte) {
+            return false;
+        }
+    }
+    !path
+        .split('/')
         .any(|segment| segment == "." || segment == "..")
 }
 
@@ -855,23 +1089,117 @@ mod tests {
     }
 
     #[test]
-    fn passthrough_prefixes_match_whole_segments_without_dot_segments() {
+    fn passthrough_prefixes_match_whole_segments() {
         assert!(under_prefix("/health", "/health"));
         assert!(under_prefix("/health/live", "/health"));
         assert!(!under_prefix("/healthx", "/health"));
         assert!(under_prefix("/static/x", "/static/"));
-        for path in [
-            "/health/../callback",
-            "/health/./x",
-            "/health/%2e%2e/callback",
-            "/health/%2E./x",
-            "/health%2f..%2fcallback",
-            "/health\\..\\callback",
-            "/health/..",
-        ] {
-            assert!(has_dot_segments(path), "{path}");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_delivery_goes_on_in_a_task_of_its_own() {
+        assert_eq!(Detached::new(async { 7 }).await, 7);
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let mut delivery = Box::pin(Detached::new(async move {
+            let _ = wait.await;
+            let _ = done.send(());
+        }));
+        // Started, then dropped half-way, as when hyper drops a request's future.
+        let started = tokio::time::timeout(Duration::from_millis(20), &mut delivery).await;
+        assert!(started.is_err());
+        drop(delivery);
+        go.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), finished)
+            .await
+            .expect("the delivery finished")
+            .expect("and reported it");
+    }
+
+    /// Paths a pass-through route may forward unverified, and those it must not.
+    #[test]
+    fn clean_paths() {
+        let table = [
+            ("/health", true),
+            ("/health/live", true),
+            ("/health/live.json", true),
+            ("/health/...x", true),
+            ("/health/a%20b", true),
+            ("/health/%41%7e", true),
+            ("/health/x-y_z~1", true),
+            // dot segments, raw or behind encodings
+            ("/health/../callback", false),
+            ("/health/./x", false),
+            ("/health/..", false),
+            ("/health/.", false),
+            ("/health/%2e%2e/callback", false),
+            ("/health/%2E./x", false),
+            ("/health/.%2e/x", false),
+            ("/health%2f..%2fcallback", false),
+            ("/health\\..\\callback", false),
+            // path parameters (Tomcat/Spring: /health/..;/admin is /admin)
+            ("/health/..;/admin", false),
+            ("/health;jsessionid=1", false),
+            ("/health/%3b/admin", false),
+            ("/health/%3B", false),
+            // encoded separators
+            ("/health%2Fadmin", false),
+            ("/health%5cadmin", false),
+            ("/health%5C..%5Cadmin", false),
+            ("/health\\admin", false),
+            // double encoding
+            ("/health/%252e%252e/admin", false),
+            ("/health/%25", false),
+            ("/health/100%", false),
+            ("/health/%2", false),
+            ("/health/%zz", false),
+            ("/health/%+f", false),
+            // NUL, controls, non-ASCII
+            ("/health/%00", false),
+            ("/health/%0a", false),
+            ("/health/%7f", false),
+            ("/health/%c3%a9", false),
+            ("/health/\u{e9}", false),
+        ];
+        for (path, clean) in table {
+            assert_eq!(is_clean_path(path), clean, "{path}");
         }
-        assert!(!has_dot_segments("/health/live.json"));
-        assert!(!has_dot_segments("/health/...x"));
+    }
+
+    #[test]
+    fn own_and_protected_header_names() {
+        for (name, own) in [
+            ("x-lfguard-verified", true),
+            ("x_lfguard_verified", true),
+            ("x-lfguard_key-id", true),
+            ("X_LFGUARD_PARTNER_CODE", true),
+            ("x-lfguard", false),
+            ("x-lfguardverified", false),
+            ("x-lf-md5", false),
+        ] {
+            assert_eq!(
+                name_starts_with(name.as_bytes(), OWN_HEADER_PREFIX),
+                own,
+                "{name}"
+            );
+        }
+        for (name, protected) in [
+            ("Host", true),
+            ("content-type", true),
+            ("Content_Length", true),
+            ("transfer-encoding", true),
+            ("x-lf-md5", true),
+            ("X_LF_DELIVERY", true),
+            ("x-lfguard-verified", true),
+            ("x_lfguard_anything", true),
+            ("keep-alive", false),
+            ("close", false),
+            ("upgrade", false),
+            ("x-drop-me", false),
+            ("x-lfx", false),
+            ("hostname", false),
+        ] {
+            assert_eq!(is_protected(name.as_bytes()), protected, "{name}");
+        }
     }
 }

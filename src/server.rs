@@ -17,6 +17,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::framing::Watched;
 use crate::metrics::Metrics;
 use crate::proxy::{Peer, Proxy};
 use crate::replay::AnyStore;
@@ -141,6 +142,11 @@ async fn serve_proxy(
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
         let client = Arc::new(Peer::new(peer));
+        let stream = Watched::new(
+            stream,
+            client.head_watch().clone(),
+            config.server.max_header_bytes,
+        );
         let service = service_fn(move |request| proxy.clone().handle(request, client.clone()));
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {

@@ -416,6 +416,98 @@ fn a_backend_reset_in_the_middle_of_a_2xx_body_is_cut_off_for_the_caller() {
     assert!(forwarded(&lfguard.post(&Callback::signed(sms_body()))));
 }
 
+/// Sends `bytes` on a new connection and closes it after `after`, whatever came back.
+fn send_and_hang_up(addr: SocketAddr, bytes: &[u8], after: Duration) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.write_all(bytes).unwrap();
+    std::thread::sleep(after);
+    drop(stream);
+}
+
+/// A sender that hangs up while the backend is still answering must not get the callback
+/// delivered again: hyper drops the request's future when the client goes away, and the claim
+/// used to be released with it, so the next copy was forwarded too (four deliveries of three
+/// hung-up copies and one normal one). Once the request has gone to the backend, the exchange
+/// runs to the end and the backend's answer settles the claim.
+#[test]
+fn a_sender_that_hangs_up_does_not_get_its_callback_delivered_twice() {
+    let backend = Backend::start();
+    backend.set_reply(Reply {
+        delay: Duration::from_millis(1500),
+        ..Reply::default()
+    });
+    let lfguard = Lfguard::start(&backend, "");
+    let callback = Callback::signed(sms_body());
+    let hang_up = Duration::from_millis(400);
+    send_and_hang_up(lfguard.addr, &callback.to_bytes(), hang_up);
+    backend.wait_for(1);
+    let gone = lfguard.wait_for_log(|e| e["message"] == "request" && e["code"] == "client_closed");
+    assert_eq!(gone["status"], 499, "{gone}");
+    assert!(
+        gone["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("settles the replay claim")),
+        "{gone}"
+    );
+    // Linksfield's copies, hung up on as well, while the first is still with the backend.
+    for _ in 0..2 {
+        send_and_hang_up(
+            lfguard.addr,
+            &callback.with_new_delivery_id().to_bytes(),
+            hang_up,
+        );
+    }
+    // A copy waits while the first is in flight (409 in_flight), and is a duplicate once the
+    // backend's 2xx settled it.
+    let deadline = Instant::now() + WAIT;
+    let response = loop {
+        let response = lfguard.post(&callback.with_new_delivery_id());
+        if response.status == 409 && response.code() == "in_flight" && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        break response;
+    };
+    assert!(duplicate(&response), "{response:?}");
+    let received = backend.requests();
+    assert_eq!(received.len(), 1, "delivered more than once");
+    assert_eq!(received[0].body.as_ref(), callback.body.as_slice());
+    assert_eq!(received[0].header("x-lfguard-verified"), Some("true"));
+}
+
+/// The other half: a sender that hangs up on a delivery the backend refuses still frees the
+/// claim (on the backend's real answer), so the next copy is forwarded.
+#[test]
+fn a_sender_that_hangs_up_on_a_refused_delivery_gets_the_retry_through() {
+    let backend = Backend::start();
+    backend.script([Reply {
+        status: 503,
+        delay: Duration::from_millis(1000),
+        ..Reply::default()
+    }]);
+    let lfguard = Lfguard::start(&backend, "");
+    let callback = Callback::signed(sms_body());
+    send_and_hang_up(
+        lfguard.addr,
+        &callback.to_bytes(),
+        Duration::from_millis(300),
+    );
+    backend.wait_for(1);
+    let deadline = Instant::now() + WAIT;
+    let response = loop {
+        let response = lfguard.post(&callback.with_new_delivery_id());
+        if response.status == 409 && response.code() == "in_flight" && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        break response;
+    };
+    assert!(forwarded(&response), "{response:?}");
+    assert_eq!(backend.count(), 2);
+    assert!(duplicate(&lfguard.post(&callback.with_new_delivery_id())));
+    assert_eq!(backend.count(), 2);
+}
+
 #[test]
 fn a_hanging_backend_gets_504_and_releases_the_claim() {
     let fake = FakeBackend::start(|index, stream| {

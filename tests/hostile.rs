@@ -17,6 +17,18 @@ use support::*;
 /// The default `server.max_body_bytes`.
 const MAX_BODY_BYTES: usize = 262_144;
 
+/// A partner in report mode, beside `PARTNER` (enforced).
+const REPORT_PARTNER: &str = "P000777";
+
+/// The configuration of the lfguard the tables run against: a pass-through route beside the
+/// verified ones, and a partner in report mode (whose failures are forwarded marked).
+fn table_config() -> String {
+    format!(
+        "[[routes]]\npath_prefix = \"/health\"\nverify = false\n\
+         [partners.{REPORT_PARTNER}]\nsecrets = [\"report-secret\"]\nmode = \"report\"\n"
+    )
+}
+
 /// How long a case may take to be answered; each one is answered in milliseconds when lfguard is
 /// well.
 const CASE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -97,6 +109,46 @@ fn with_sentinel(mut bytes: Vec<u8>) -> Vec<u8> {
         b"GET /sentinel HTTP/1.1\r\nHost: lfguard.test\r\nConnection: close\r\n\r\n",
     );
     bytes
+}
+
+/// `callback` as raw bytes with its body sent in the chunked coding (one chunk) and the head's
+/// `extra` lines (each ending in CRLF) added.
+fn chunked(callback: &Callback, extra: &str) -> Vec<u8> {
+    let mut bytes = format!(
+        "{} {} HTTP/1.1\r\nHost: lfguard.test\r\n",
+        callback.method, callback.path
+    )
+    .into_bytes();
+    for (name, value) in &callback.headers {
+        bytes.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+    }
+    bytes.extend_from_slice(
+        format!("{extra}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    if !callback.body.is_empty() {
+        bytes.extend_from_slice(format!("{:x}\r\n", callback.body.len()).as_bytes());
+        bytes.extend_from_slice(&callback.body);
+        bytes.extend_from_slice(b"\r\n");
+    }
+    bytes.extend_from_slice(b"0\r\n\r\n");
+    bytes
+}
+
+/// A request without a body to the pass-through route, with `extra` header lines.
+fn passthrough(method: &str, path: &str, extra: &str) -> Vec<u8> {
+    format!("{method} {path} HTTP/1.1\r\nHost: lfguard.test\r\n{extra}Connection: close\r\n\r\n")
+        .into_bytes()
+}
+
+/// A callback of the report-mode partner with a signature that does not match: forwarded
+/// marked `bad_signature`, unless refused for a reason report mode does not waive.
+fn reported_callback() -> Callback {
+    let body = format!(
+        r#"{{"partner_code":"{REPORT_PARTNER}","text_message":"report {}","received_at":"{}"}}"#,
+        delivery_id(),
+        now_millis()
+    );
+    Callback::signed_with(body, "not-the-report-secret", Encoding::Hex)
 }
 
 /// A valid signed callback as raw request bytes, kept alive (no `Connection: close`): the request
@@ -696,7 +748,7 @@ fn refused_cases() -> Vec<Case> {
                 bytes.extend_from_slice(&smuggled_request());
                 with_sentinel(bytes)
             },
-            Expect::Code(400, "malformed_body"),
+            Expect::Code(400, "malformed_request"),
         ),
         case(
             "Transfer-Encoding then Content-Length (TE.CL), smuggled request inside the chunk",
@@ -714,7 +766,7 @@ fn refused_cases() -> Vec<Case> {
                 bytes.extend_from_slice(&smuggled_request());
                 with_sentinel(bytes)
             },
-            Expect::Code(400, "malformed_body"),
+            Expect::Code(400, "malformed_request"),
         ),
         case(
             "Transfer-Encoding that is not chunked, with Content-Length",
@@ -875,6 +927,179 @@ fn refused_cases() -> Vec<Case> {
                 bytes
             },
             Expect::ClientError,
+        ),
+        // ---- framing and head fields lfguard refuses itself (400 malformed_request), on every
+        //      route and in report mode, before reading a body
+        case(
+            "Content-Length then Transfer-Encoding on a correctly signed callback",
+            chunked(
+                &Callback::signed(sms_body()),
+                &format!("Content-Length: {}\r\n", valid_body.len()),
+            ),
+            Expect::Code(400, "malformed_request"),
+        ),
+        case(
+            "Transfer-Encoding then Content-Length on a correctly signed callback",
+            {
+                let text = String::from_utf8(chunked(&Callback::signed(sms_body()), "")).unwrap();
+                text.replacen(
+                    "Transfer-Encoding: chunked\r\n",
+                    "Transfer-Encoding: chunked\r\nContent-Length: 7\r\n",
+                    1,
+                )
+                .into_bytes()
+            },
+            Expect::Code(400, "malformed_request"),
+        ),
+        case(
+            "Content-Length with Transfer-Encoding on the pass-through route",
+            {
+                let mut bytes = passthrough(
+                    "POST",
+                    "/health/live",
+                    "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n",
+                );
+                bytes.extend_from_slice(b"3\r\nabc\r\n0\r\n\r\n");
+                bytes
+            },
+            Expect::Code(400, "malformed_request"),
+        ),
+        case(
+            "Content-Length with Transfer-Encoding from a partner in report mode",
+            chunked(&reported_callback(), "Content-Length: 2\r\n"),
+            Expect::Code(400, "malformed_request"),
+        ),
+        case(
+            "two Host headers on a correctly signed callback",
+            Callback::signed(sms_body())
+                .with("Host", "backend.internal")
+                .to_bytes(),
+            Expect::Code(400, "malformed_request"),
+        ),
+        case(
+            "two Host headers on the pass-through route",
+            passthrough("GET", "/health/live", "Host: admin.internal\r\n"),
+            Expect::Code(400, "malformed_request"),
+        ),
+        case(
+            "two Host headers from a partner in report mode",
+            reported_callback().with("Host", "backend.internal").to_bytes(),
+            Expect::Code(400, "malformed_request"),
+        ),
+        case(
+            "Connection naming Content-Type, x-lf-md5, x-lf-delivery and Host on a signed callback",
+            Callback::signed(sms_body())
+                .with("Connection", "content-type, x-lf-md5, x-lf-delivery, host")
+                .to_bytes(),
+            Expect::Code(400, "malformed_request"),
+        ),
+        case(
+            "Connection naming x_lf_md5 (CGI reads it as x-lf-md5)",
+            Callback::signed(sms_body())
+                .with("Connection", "keep-alive, X_LF_MD5")
+                .to_bytes(),
+            Expect::Code(400, "malformed_request"),
+        ),
+        case(
+            "Connection naming x-lfguard-verified",
+            Callback::signed(sms_body())
+                .with("Connection", "X-LFGuard-Verified")
+                .to_bytes(),
+            Expect::Code(400, "malformed_request"),
+        ),
+        case(
+            "Connection naming Content-Length",
+            Callback::signed(sms_body())
+                .with("Connection", "Content-Length")
+                .to_bytes(),
+            Expect::Code(400, "malformed_request"),
+        ),
+        case(
+            "Connection naming Transfer-Encoding, in a second Connection header",
+            Callback::signed(sms_body())
+                .with("Connection", "keep-alive")
+                .with("Connection", "transfer-encoding")
+                .to_bytes(),
+            Expect::Code(400, "malformed_request"),
+        ),
+        case(
+            "Connection naming Host on the pass-through route",
+            passthrough("GET", "/health/live", "Connection: keep-alive, host\r\n"),
+            Expect::Code(400, "malformed_request"),
+        ),
+        case(
+            "Connection naming x-lf-delivery from a partner in report mode",
+            reported_callback()
+                .with("Connection", "x-lf-delivery")
+                .to_bytes(),
+            Expect::Code(400, "malformed_request"),
+        ),
+        // ---- only ordinary methods and clean paths pass through unverified; anything else
+        //      takes the verified path (405 unless POST)
+        case(
+            "CONNECT on the pass-through route",
+            passthrough("CONNECT", "/health", ""),
+            Expect::Code(405, "method_not_allowed"),
+        ),
+        case(
+            "TRACE on the pass-through route",
+            passthrough("TRACE", "/health/live", ""),
+            Expect::Code(405, "method_not_allowed"),
+        ),
+        case(
+            "an extension method on the pass-through route",
+            passthrough("PROPFIND", "/health/live", ""),
+            Expect::Code(405, "method_not_allowed"),
+        ),
+        case(
+            "a ..; segment (Tomcat and Spring read /health/..;/admin as /admin)",
+            passthrough("GET", "/health/..;/admin", ""),
+            Expect::Code(405, "method_not_allowed"),
+        ),
+        case(
+            "a path parameter on the pass-through prefix",
+            passthrough("GET", "/health/live;jsessionid=1", ""),
+            Expect::Code(405, "method_not_allowed"),
+        ),
+        case(
+            "a percent-encoded ; in a pass-through path",
+            passthrough("GET", "/health/%3B/admin", ""),
+            Expect::Code(405, "method_not_allowed"),
+        ),
+        case(
+            "a percent-encoded / in a pass-through path",
+            passthrough("GET", "/health/x%2Fadmin", ""),
+            Expect::Code(405, "method_not_allowed"),
+        ),
+        case(
+            "a percent-encoded backslash in a pass-through path",
+            passthrough("GET", "/health/x%5cadmin", ""),
+            Expect::Code(405, "method_not_allowed"),
+        ),
+        case(
+            "a double-encoded dot segment in a pass-through path",
+            passthrough("GET", "/health/%252e%252e/admin", ""),
+            Expect::Code(405, "method_not_allowed"),
+        ),
+        case(
+            "a percent-encoded NUL in a pass-through path",
+            passthrough("GET", "/health/live%00.json", ""),
+            Expect::Code(405, "method_not_allowed"),
+        ),
+        case(
+            "percent-encoded non-ASCII in a pass-through path",
+            passthrough("GET", "/health/%C3%A9", ""),
+            Expect::Code(405, "method_not_allowed"),
+        ),
+        case(
+            "an unsigned POST to /health/..;/callback takes the verified path",
+            {
+                let mut callback =
+                    Callback::signed(sms_body()).replacing("x-lf-md5", &dummy_signature());
+                callback.path = "/health/..;/callback/sms".into();
+                callback.to_bytes()
+            },
+            Expect::Code(401, "bad_signature"),
         ),
         // ---- header limits
         case(
@@ -1107,7 +1332,10 @@ fn hostile_requests_are_refused_and_lfguard_keeps_serving() {
     let backend = Backend::start();
     let lfguard = Lfguard::start(
         &backend,
-        "[server]\nbody_read_timeout = \"300ms\"\nheader_read_timeout = \"3s\"\n[verify]\naccept_form = true",
+        &format!(
+            "{}[server]\nbody_read_timeout = \"300ms\"\nheader_read_timeout = \"3s\"\n[verify]\naccept_form = true",
+            table_config()
+        ),
     );
     let cases = refused_cases();
     let mut refusals: BTreeMap<&str, usize> = BTreeMap::new();
@@ -1231,6 +1459,155 @@ fn unusual_but_valid_json_is_forwarded_byte_for_byte() {
             "{name}"
         );
     }
+}
+
+/// Header names and values, sorted.
+type Headers = Vec<(String, String)>;
+
+/// The headers a request reaches the backend with whose names, read as CGI and WSGI backends read
+/// them (case ignored, `_` as `-`), start with `x-lfguard-`.
+fn lfguard_headers(received: &Recorded) -> Headers {
+    let mut own: Headers = received
+        .headers
+        .iter()
+        .filter(|(name, _)| {
+            name.to_ascii_lowercase()
+                .replace('_', "-")
+                .starts_with("x-lfguard-")
+        })
+        .cloned()
+        .collect();
+    own.sort();
+    own
+}
+
+/// Requests that are forwarded, carrying spoofed `x-lfguard-*` headers (also spelled with `_`, as
+/// CGI and WSGI backends read `X_LFGUARD_VERIFIED` as `X-Lfguard-Verified`): the backend must
+/// receive exactly lfguard's own headers, on the verified path, in report mode and on a
+/// pass-through route.
+#[test]
+fn spoofed_lfguard_headers_in_any_spelling_never_reach_the_backend() {
+    let backend = Backend::start();
+    let lfguard = Lfguard::start(&backend, &table_config());
+    let spoof = |callback: Callback| {
+        callback
+            .with("x_lfguard_verified", "true")
+            .with("X_LFGUARD_PARTNER_CODE", "P000001")
+            .with("x-lfguard_key-id", "forged")
+            .with("x_lfguard-failure", "none")
+            .with("X-Lfguard-Verified", "true")
+    };
+    let verified = spoof(Callback::signed(sms_body()));
+    let reported = spoof(reported_callback());
+    let delivery = |callback: &Callback| callback.header("x-lf-delivery").unwrap().to_string();
+    let own = |pairs: &[(&str, &str)]| {
+        let mut pairs: Headers = pairs
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        pairs.sort();
+        pairs
+    };
+    let rows: Vec<(&str, Vec<u8>, Headers)> = vec![
+        (
+            "a verified callback",
+            verified.to_bytes(),
+            own(&[
+                ("x-lfguard-verified", "true"),
+                ("x-lfguard-partner-code", PARTNER),
+                ("x-lfguard-key-id", "inline:0"),
+                ("x-lfguard-delivery-id", &delivery(&verified)),
+            ]),
+        ),
+        (
+            "a callback forwarded marked in report mode",
+            reported.to_bytes(),
+            own(&[
+                ("x-lfguard-verified", "false"),
+                ("x-lfguard-failure", "bad_signature"),
+                ("x-lfguard-partner-code", REPORT_PARTNER),
+                ("x-lfguard-delivery-id", &delivery(&reported)),
+            ]),
+        ),
+        (
+            "a GET on the pass-through route",
+            passthrough(
+                "GET",
+                "/health/live",
+                "x_lfguard_verified: true\r\nX-LFGUARD-VERIFIED: true\r\nx-lfguard_partner_code: P002671\r\n",
+            ),
+            Vec::new(),
+        ),
+        (
+            "a POST on the pass-through route",
+            {
+                let mut callback = spoof(Callback::signed(sms_body()));
+                callback.path = "/health".into();
+                callback.to_bytes()
+            },
+            Vec::new(),
+        ),
+    ];
+    for (at, (name, bytes, expected)) in rows.iter().enumerate() {
+        let responses = exchange(lfguard.addr, bytes, false);
+        assert_eq!(
+            responses.first().map(|r| r.status),
+            Some(200),
+            "{name}: {responses:?}"
+        );
+        let received = backend.wait_for(at + 1).remove(at);
+        assert_eq!(&lfguard_headers(&received), expected, "{name}");
+    }
+}
+
+/// hyper reads a request with both `Content-Length` and `Transfer-Encoding` by its chunked
+/// framing and drops `Content-Length` from the header map; lfguard still finds it, also behind
+/// other requests on a kept-alive connection, and refuses just that one.
+#[test]
+fn ambiguous_framing_behind_a_pipelined_callback_is_refused() {
+    let backend = Backend::start();
+    let lfguard = Lfguard::start(&backend, "");
+    let first = Callback::signed(sms_body());
+    let chunked_first = Callback::signed(sms_body());
+    let mut bytes = String::from_utf8(first.to_bytes())
+        .unwrap()
+        .replacen("Connection: close\r\n", "", 1)
+        .into_bytes();
+    // A plainly chunked callback in between, kept alive too.
+    bytes.extend_from_slice(
+        &String::from_utf8(chunked(&chunked_first, ""))
+            .unwrap()
+            .replacen("Connection: close\r\n", "", 1)
+            .into_bytes(),
+    );
+    bytes.extend_from_slice(&chunked(
+        &Callback::signed(sms_body()),
+        "Content-Length: 5\r\n",
+    ));
+    let responses = exchange(lfguard.addr, &bytes, false);
+    let answers: Vec<(u16, String)> = responses
+        .iter()
+        .map(|r| {
+            let code = if r.status == 200 {
+                String::new()
+            } else {
+                r.code()
+            };
+            (r.status, code)
+        })
+        .collect();
+    assert_eq!(
+        answers,
+        [
+            (200, String::new()),
+            (200, String::new()),
+            (400, "malformed_request".to_string())
+        ]
+    );
+    let received = backend.wait_for(2);
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[0].body.as_ref(), first.body.as_slice());
+    assert_eq!(received[1].body.as_ref(), chunked_first.body.as_slice());
 }
 
 #[test]

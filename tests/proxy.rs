@@ -420,7 +420,8 @@ fn form_bodies_and_canonical_edge_cases_verify_end_to_end() {
 #[test]
 fn upstream_failures_answer_502_and_504() {
     let backend = Backend::start();
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let port = free_port();
+    let dead = format!("http://127.0.0.1:{port}");
     let mut config = base_config(&dead);
     merge(&mut config, "[upstream]\nconnect_timeout = \"1s\"");
     let unreachable = Lfguard::start_with(config, &[]);
@@ -428,6 +429,23 @@ fn upstream_failures_answer_502_and_504() {
     assert_eq!(
         (response.status, response.code().as_str()),
         (502, "upstream_unavailable")
+    );
+    // The caller learns nothing about lfguard's insides; the log line has the detail.
+    let text = response.text();
+    for inside in [
+        "127.0.0.1",
+        &port.to_string(),
+        "os error",
+        "refused",
+        "connect",
+    ] {
+        assert!(!text.contains(inside), "{inside:?} in {text}");
+    }
+    let event = unreachable.wait_for_log(|e| e["message"] == "request" && e["status"] == 502);
+    let reason = event["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("127.0.0.1:{port}")) && reason.contains("os error"),
+        "{event}"
     );
 
     backend.set_reply(Reply {
