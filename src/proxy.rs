@@ -798,6 +798,18 @@ fn check_head(headers: &HeaderMap, peer: &Peer) -> Result<(), Rejection> {
     if headers.get_all(header::HOST).iter().nth(1).is_some() {
         return Err(Rejection::MalformedRequest("several Host headers".into()));
     }
+    // CGI and WSGI backends merge `x_lf_md5` with `x-lf-md5` (both are `HTTP_X_LF_MD5`): the
+    // backend could check a signature, or frame a body, other than the one lfguard checked.
+    if headers.keys().any(|name| {
+        let name = name.as_str().as_bytes();
+        name.contains(&b'_') && is_protected(name) && !name_starts_with(name, OWN_HEADER_PREFIX)
+    }) {
+        return Err(Rejection::MalformedRequest(
+            "a header spelled with '_' that a backend reads as Host, Content-Type, \
+             Content-Length, Transfer-Encoding or an x-lf-* header"
+                .into(),
+        ));
+    }
     if headers.contains_key(header::CONNECTION)
         && connection_tokens(headers).any(|name| is_protected(name.as_bytes()))
     {

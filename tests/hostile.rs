@@ -970,6 +970,25 @@ fn refused_cases() -> Vec<Case> {
             Expect::Code(400, "malformed_request"),
         ),
         case(
+            "x_lf_md5 beside x-lf-md5 (CGI and WSGI read both as HTTP_X_LF_MD5)",
+            Callback::signed(sms_body())
+                .with("x_lf_md5", &dummy)
+                .to_bytes(),
+            Expect::Code(400, "malformed_request"),
+        ),
+        case(
+            "X_LF_DELIVERY beside x-lf-delivery",
+            Callback::signed(sms_body())
+                .with("X_LF_DELIVERY", "1")
+                .to_bytes(),
+            Expect::Code(400, "malformed_request"),
+        ),
+        case(
+            "content_length on the pass-through route",
+            passthrough("GET", "/health/live", "content_length: 99\r\n"),
+            Expect::Code(400, "malformed_request"),
+        ),
+        case(
             "two Host headers on a correctly signed callback",
             Callback::signed(sms_body())
                 .with("Host", "backend.internal")
