@@ -60,7 +60,14 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    /// Connections served at once on the proxy port. At the cap, the connection idle the longest
+    /// (between requests, or still sending its headers) is closed for a new one; connections
+    /// with a request in progress are never closed for that.
     pub max_connections: usize,
+    /// The same for the admin port, counted separately so that neither starves the other.
+    pub admin_max_connections: usize,
+    /// Bytes of request bodies buffered at once, over all connections; past it, 503 overloaded.
+    pub max_buffered_bytes: u64,
     pub max_headers: usize,
     pub max_header_bytes: usize,
     #[serde(with = "humantime_serde")]
@@ -78,6 +85,8 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(15),
             max_connections: 1024,
+            admin_max_connections: 64,
+            max_buffered_bytes: 16 * 1024 * 1024,
             max_headers: 64,
             max_header_bytes: 16 * 1024,
             shutdown_grace: Duration::from_secs(20),
@@ -350,6 +359,18 @@ impl Config {
         }
         if server.max_connections == 0 {
             problems.push("server.max_connections: must be greater than 0".into());
+        }
+        if server.admin_max_connections == 0 {
+            problems.push("server.admin_max_connections: must be greater than 0".into());
+        }
+        if server.max_buffered_bytes == 0 {
+            problems.push("server.max_buffered_bytes: must be greater than 0".into());
+        } else if server.max_buffered_bytes < server.max_body_bytes {
+            problems.push(format!(
+                "server.max_buffered_bytes: {} is less than server.max_body_bytes ({}); a body \
+                 of the largest allowed size could never be buffered",
+                server.max_buffered_bytes, server.max_body_bytes
+            ));
         }
         if server.max_headers == 0 {
             problems.push("server.max_headers: must be greater than 0".into());

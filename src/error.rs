@@ -21,13 +21,23 @@ pub enum Rejection {
     MethodNotAllowed,
     RequestTimeout,
     Replay,
-    InFlight { retry_after_secs: u64 },
-    BodyTooLarge { limit: u64 },
+    InFlight {
+        retry_after_secs: u64,
+    },
+    BodyTooLarge {
+        limit: u64,
+    },
     UnsupportedMediaType,
     UpstreamUnavailable(String),
     ReplayStoreUnavailable(String),
+    /// The budget for buffered bodies (`server.max_buffered_bytes`) is spent.
+    Overloaded,
     UpstreamTimeout,
 }
+
+/// `Retry-After` of an `overloaded` refusal: bodies are held for milliseconds normally, and
+/// slow senders are cut off after `server.body_read_timeout`.
+pub const OVERLOADED_RETRY_AFTER_SECS: u64 = 2;
 
 impl Rejection {
     pub fn status(&self) -> StatusCode {
@@ -46,7 +56,9 @@ impl Rejection {
             Rejection::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Rejection::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
-            Rejection::ReplayStoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::ReplayStoreUnavailable(_) | Rejection::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -72,6 +84,7 @@ impl Rejection {
             | Rejection::BodyTooLarge { .. }
             | Rejection::UnsupportedMediaType
             | Rejection::UpstreamUnavailable(_)
+            | Rejection::Overloaded
             | Rejection::UpstreamTimeout => false,
         }
     }
@@ -95,6 +108,7 @@ impl Rejection {
             Rejection::UnsupportedMediaType => "unsupported_media_type",
             Rejection::UpstreamUnavailable(_) => "upstream_unavailable",
             Rejection::ReplayStoreUnavailable(_) => "replay_store_unavailable",
+            Rejection::Overloaded => "overloaded",
             Rejection::UpstreamTimeout => "upstream_timeout",
         }
     }
@@ -123,6 +137,9 @@ impl Rejection {
             Rejection::ReplayStoreUnavailable(detail) => {
                 format!("replay store unavailable: {detail}")
             }
+            Rejection::Overloaded => {
+                "too many request bodies are being received at once; retry later".into()
+            }
             Rejection::UpstreamTimeout => "backend did not answer in time".into(),
         }
     }
@@ -149,7 +166,26 @@ impl Rejection {
             Rejection::ReplayStoreUnavailable(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
-            _ => {}
+            Rejection::Overloaded => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(OVERLOADED_RETRY_AFTER_SECS),
+                );
+            }
+            Rejection::MalformedBody(_)
+            | Rejection::DuplicateKey(_)
+            | Rejection::MissingPartner(_)
+            | Rejection::MissingDeliveryId(_)
+            | Rejection::MissingSignature
+            | Rejection::BadSignature(_)
+            | Rejection::UnknownPartner
+            | Rejection::Stale(_)
+            | Rejection::RequestTimeout
+            | Rejection::Replay
+            | Rejection::BodyTooLarge { .. }
+            | Rejection::UnsupportedMediaType
+            | Rejection::UpstreamUnavailable(_)
+            | Rejection::UpstreamTimeout => {}
         }
         response
     }
@@ -208,6 +244,7 @@ mod tests {
                 503,
                 "replay_store_unavailable",
             ),
+            (Rejection::Overloaded, 503, "overloaded"),
             (Rejection::UpstreamTimeout, 504, "upstream_timeout"),
         ];
         for (rejection, status, code) in all {
@@ -215,5 +252,11 @@ mod tests {
             assert_eq!(rejection.code(), code);
             assert_eq!(rejection.to_response().status().as_u16(), status);
         }
+        let overloaded = Rejection::Overloaded.to_response();
+        assert_eq!(
+            overloaded.headers()[header::RETRY_AFTER],
+            OVERLOADED_RETRY_AFTER_SECS.to_string()
+        );
+        assert!(!Rejection::Overloaded.is_reportable());
     }
 }

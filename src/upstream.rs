@@ -7,6 +7,7 @@
 //! CPU under load). Here a connection goes back on the stack when its response body has been read
 //! to the end, and the most recently used one is taken first, so few connections stay warm.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -330,6 +331,85 @@ impl Drop for UpstreamBody {
         if self.body.is_end_stream() {
             self.release_connection();
         }
+    }
+}
+
+/// The backend's response body with a deadline: `upstream.timeout` bounds the whole exchange,
+/// from the request being sent to the last byte of the response, not only the wait for the
+/// response head. Past the deadline the body ends with an error, so hyper cuts the client's
+/// connection off (the response is visibly incomplete) and the backend connection is dropped.
+///
+/// The timer is only created once the backend's body makes lfguard wait; a body that is already
+/// there when it is read costs no timer.
+pub struct Deadline {
+    body: UpstreamBody,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// The backend's response body did not finish within `upstream.timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the backend's response did not finish within upstream.timeout ({0:?})")]
+pub struct ResponseDeadline(pub Duration);
+
+impl Deadline {
+    /// `sent` is when the request went to the backend.
+    pub fn new(body: UpstreamBody, sent: tokio::time::Instant, timeout: Duration) -> Self {
+        Deadline {
+            body,
+            deadline: sent + timeout,
+            timeout,
+            timer: None,
+        }
+    }
+
+    fn expired(&mut self) -> Poll<Option<Result<Frame<Bytes>, crate::body::BodyError>>> {
+        tracing::warn!(
+            timeout = %humantime::format_duration(self.timeout),
+            "the backend's response body did not finish within upstream.timeout; the client's \
+             connection is cut off"
+        );
+        Poll::Ready(Some(Err(Box::new(ResponseDeadline(self.timeout)))))
+    }
+}
+
+impl Body for Deadline {
+    type Data = Bytes;
+    type Error = crate::body::BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        // Once the body has made lfguard wait, a backend that keeps data coming cannot outrun
+        // the deadline either.
+        if let Some(timer) = &mut this.timer
+            && timer.as_mut().poll(cx).is_ready()
+        {
+            return this.expired();
+        }
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(frame) => return Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Pending => {}
+        }
+        if this.timer.is_none() {
+            let mut timer = Box::pin(tokio::time::sleep_until(this.deadline));
+            if timer.as_mut().poll(cx).is_ready() {
+                return this.expired();
+            }
+            this.timer = Some(timer);
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
