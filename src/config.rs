@@ -84,9 +84,11 @@ impl Default for ServerConfig {
             max_body_bytes: 256 * 1024,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(15),
-            max_connections: 1024,
+            // With the body budget and the baseline these fit the 64 MiB memory limit of the
+            // shipped pod (k8s/base) with room; tests/limits.rs checks the arithmetic.
+            max_connections: 384,
             admin_max_connections: 64,
-            max_buffered_bytes: 16 * 1024 * 1024,
+            max_buffered_bytes: 8 * 1024 * 1024,
             max_headers: 64,
             max_header_bytes: 16 * 1024,
             shutdown_grace: Duration::from_secs(20),
@@ -523,5 +525,41 @@ mod tests {
     fn defaults_are_consistent() {
         let defaults = Config::default();
         assert!(defaults.replay.window >= defaults.verify.max_age + defaults.verify.max_skew);
+        assert!(defaults.server.max_buffered_bytes >= defaults.server.max_body_bytes);
+    }
+
+    #[test]
+    fn the_body_budget_must_hold_one_body_of_the_largest_size() {
+        let mut config = Config::default();
+        config.partners.insert(
+            "P1".into(),
+            PartnerConfig {
+                secrets: vec!["k".into()],
+                ..Default::default()
+            },
+        );
+        let problems = |config: &Config| config.clone().validate().err().map(|err| err.0);
+        config.server.max_buffered_bytes = config.server.max_body_bytes - 1;
+        let found = problems(&config).unwrap();
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("server.max_buffered_bytes: 262143 is less than")),
+            "{found:?}"
+        );
+        config.server.max_buffered_bytes = 0;
+        config.server.admin_max_connections = 0;
+        let found = problems(&config).unwrap();
+        assert!(
+            found.contains(&"server.max_buffered_bytes: must be greater than 0".to_string()),
+            "{found:?}"
+        );
+        assert!(
+            found.contains(&"server.admin_max_connections: must be greater than 0".to_string()),
+            "{found:?}"
+        );
+        config.server.max_buffered_bytes = config.server.max_body_bytes;
+        config.server.admin_max_connections = 1;
+        assert!(problems(&config).is_none());
     }
 }
