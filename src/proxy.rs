@@ -572,21 +572,27 @@ impl Proxy {
         request: Request<Full<Bytes>>,
         log: &mut RequestLog,
     ) -> Result<Response<ProxyBody>, Rejection> {
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
         let timeout = self.config.upstream.timeout;
-        let result = tokio::time::timeout_at(started + timeout, self.upstream.send(request)).await;
+        // One deadline for the whole exchange: the head, then the body (`Deadline`).
+        let mut deadline = Box::pin(tokio::time::sleep(timeout));
+        let result = tokio::select! {
+            biased;
+            result = self.upstream.send(request) => Some(result),
+            () = deadline.as_mut() => None,
+        };
         log.upstream_seconds = Some(started.elapsed().as_secs_f64());
         let response = match result {
-            Err(_elapsed) => return Err(Rejection::UpstreamTimeout),
-            Ok(Err(err)) => return Err(Rejection::UpstreamUnavailable(err.to_string())),
-            Ok(Ok(response)) => response,
+            None => return Err(Rejection::UpstreamTimeout),
+            Some(Err(err)) => return Err(Rejection::UpstreamUnavailable(err.to_string())),
+            Some(Ok(response)) => response,
         };
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers, |_| false);
         // lfguard speaks HTTP/1.1 to its client whatever the backend spoke.
         parts.version = Version::HTTP_11;
         // The same deadline bounds the body: one `upstream.timeout` for the whole exchange.
-        let body = Deadline::new(body, started, timeout);
+        let body = Deadline::new(body, deadline, timeout);
         Ok(Response::from_parts(parts, body.boxed()))
     }
 }

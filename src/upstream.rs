@@ -339,13 +339,12 @@ impl Drop for UpstreamBody {
 /// response head. Past the deadline the body ends with an error, so hyper cuts the client's
 /// connection off (the response is visibly incomplete) and the backend connection is dropped.
 ///
-/// The timer is only created once the backend's body makes lfguard wait; a body that is already
-/// there when it is read costs no timer.
+/// The timer is the one that bounded the wait for the head, handed on: one timer and one
+/// allocation for the whole exchange.
 pub struct Deadline {
     body: UpstreamBody,
-    deadline: tokio::time::Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
     timeout: Duration,
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// The backend's response body did not finish within `upstream.timeout`.
@@ -354,17 +353,16 @@ pub struct Deadline {
 pub struct ResponseDeadline(pub Duration);
 
 impl Deadline {
-    /// `sent` is when the request went to the backend.
-    pub fn new(body: UpstreamBody, sent: tokio::time::Instant, timeout: Duration) -> Self {
+    /// `timer` fires at the deadline, `timeout` after the request was sent.
+    pub fn new(body: UpstreamBody, timer: Pin<Box<tokio::time::Sleep>>, timeout: Duration) -> Self {
         Deadline {
             body,
-            deadline: sent + timeout,
+            timer,
             timeout,
-            timer: None,
         }
     }
 
-    fn expired(&mut self) -> Poll<Option<Result<Frame<Bytes>, crate::body::BodyError>>> {
+    fn expired(&self) -> Poll<Option<Result<Frame<Bytes>, crate::body::BodyError>>> {
         tracing::warn!(
             timeout = %humantime::format_duration(self.timeout),
             "the backend's response body did not finish within upstream.timeout; the client's \
@@ -383,25 +381,17 @@ impl Body for Deadline {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        // Once the body has made lfguard wait, a backend that keeps data coming cannot outrun
-        // the deadline either.
-        if let Some(timer) = &mut this.timer
-            && timer.as_mut().poll(cx).is_ready()
-        {
+        // Checked first too, so that a backend that keeps some data coming cannot outrun it.
+        if this.timer.is_elapsed() {
             return this.expired();
         }
-        match Pin::new(&mut this.body).poll_frame(cx) {
-            Poll::Ready(frame) => return Poll::Ready(frame.map(|f| f.map_err(Into::into))),
-            Poll::Pending => {}
+        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+            return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
         }
-        if this.timer.is_none() {
-            let mut timer = Box::pin(tokio::time::sleep_until(this.deadline));
-            if timer.as_mut().poll(cx).is_ready() {
-                return this.expired();
-            }
-            this.timer = Some(timer);
+        match this.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => this.expired(),
+            Poll::Pending => Poll::Pending,
         }
-        Poll::Pending
     }
 
     fn is_end_stream(&self) -> bool {
