@@ -16,8 +16,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
-use std::time::Instant;
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -27,7 +26,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use prometheus::IntCounter;
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 use crate::body::ProxyBody;
 
@@ -37,6 +36,8 @@ const ACTIVE: u8 = 1;
 const WRITE_BLOCKED: u8 = 2;
 /// Chosen to make room for a new connection.
 const SHED: u8 = 4;
+/// lfguard is shutting down: finish the request in progress, then close.
+const STOP: u8 = 8;
 
 /// The connections of one listener, at most `cap` of them.
 pub struct Connections {
@@ -52,7 +53,9 @@ struct Wake {
     /// Set only while the acceptor waits, so that connections do not signal on every request.
     waiting: AtomicBool,
     changed: Notify,
-    epoch: Instant,
+    /// Orders connections by when they became idle: a counter rather than a clock, which costs
+    /// more on every request.
+    idle_order: AtomicU64,
 }
 
 impl Wake {
@@ -62,8 +65,8 @@ impl Wake {
         }
     }
 
-    fn now(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    fn next_idle(&self) -> u64 {
+        self.idle_order.fetch_add(1, Ordering::Relaxed)
     }
 }
 
@@ -100,16 +103,24 @@ impl Slots {
 /// What the registry and a connection's task share about it.
 pub struct ConnState {
     flags: AtomicU8,
-    /// When it last became idle, in nanoseconds since `Wake::epoch`.
+    /// When it last became idle (`Wake::idle_order`).
     idle_since: AtomicU64,
-    /// Tells the connection's task that it was chosen to make room.
-    close: Notify,
+    /// The connection's task, woken when `SHED` or `STOP` is set.
+    task: Mutex<Option<Waker>>,
     wake: Arc<Wake>,
 }
 
 impl ConnState {
-    fn is_busy(&self) -> bool {
-        self.flags.load(Ordering::SeqCst) & (ACTIVE | WRITE_BLOCKED) != 0
+    /// Sets `flag` (`SHED`, `STOP`) and wakes the connection's task to act on it.
+    fn signal(&self, flag: u8) {
+        self.flags.fetch_or(flag, Ordering::SeqCst);
+        let task = self
+            .task
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(task) = task.as_ref() {
+            task.wake_by_ref();
+        }
     }
 }
 
@@ -122,7 +133,7 @@ impl Connections {
             wake: Arc::new(Wake {
                 waiting: AtomicBool::new(false),
                 changed: Notify::new(),
-                epoch: Instant::now(),
+                idle_order: AtomicU64::new(0),
             }),
             shed,
         })
@@ -135,6 +146,14 @@ impl Connections {
     /// Connections being served (a connection closed to make room no longer counts).
     pub fn open(&self) -> usize {
         self.slots().open
+    }
+
+    /// Shutdown: every connection finishes the request in progress (if any) and closes.
+    pub fn stop_all(&self) {
+        let slots = self.slots();
+        for state in slots.entries.iter().flatten() {
+            state.signal(STOP);
+        }
     }
 
     fn slots(&self) -> MutexGuard<'_, Slots> {
@@ -167,7 +186,7 @@ impl Connections {
         if slots.open >= self.cap {
             let (index, victim) = choose_idlest(&slots)?;
             slots.remove(index);
-            victim.close.notify_one();
+            victim.signal(SHED);
             self.shed.inc();
             tracing::debug!(
                 listener = self.listener,
@@ -177,8 +196,8 @@ impl Connections {
         }
         let state = Arc::new(ConnState {
             flags: AtomicU8::new(0),
-            idle_since: AtomicU64::new(self.wake.now()),
-            close: Notify::new(),
+            idle_since: AtomicU64::new(self.wake.next_idle()),
+            task: Mutex::new(None),
             wake: self.wake.clone(),
         });
         let index = slots.insert(state.clone());
@@ -236,15 +255,10 @@ impl Drop for Connection {
 
 impl Connection {
     /// Serves HTTP/1.1 on `stream` with `handler` until the client closes, hyper ends the
-    /// connection (timeouts, errors), `stop` turns true (the connection then finishes its request
-    /// and closes), or the registry closes it to make room.
-    pub async fn serve<F, Fut>(
-        self,
-        stream: TcpStream,
-        builder: &http1::Builder,
-        handler: F,
-        mut stop: Option<watch::Receiver<bool>>,
-    ) where
+    /// connection (timeouts, errors), the registry closes it to make room, or `stop_all` asks it
+    /// to finish its request and close.
+    pub async fn serve<F, Fut>(self, stream: TcpStream, builder: &http1::Builder, handler: F)
+    where
         F: Fn(Request<Incoming>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
     {
@@ -267,38 +281,44 @@ impl Connection {
         };
         let connection = builder.serve_connection(io, service);
         tokio::pin!(connection);
+        // Polled by hand rather than selected against a `Notify` and a shutdown channel: those
+        // would be polled again on every wake-up of the connection, several times per request.
+        // The task's waker is handed to `ConnState` once, and `SHED` / `STOP` are a flag test.
+        let mut registered: Option<Waker> = None;
         let mut closing = false;
-        loop {
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(err) = result {
-                        tracing::debug!(error = %err, listener = self.registry.listener, "connection ended with an error");
-                    }
-                    break;
-                }
-                () = state.close.notified() => {
-                    // Chosen while idle; a request that arrived since is finished first.
-                    if !state.is_busy() {
-                        break;
-                    }
-                    connection.as_mut().graceful_shutdown();
-                    closing = true;
-                }
-                () = stopped(&mut stop), if !closing => {
-                    connection.as_mut().graceful_shutdown();
-                    closing = true;
-                }
+        let ended = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = connection.as_mut().poll(cx) {
+                return Poll::Ready(Some(result));
             }
+            if registered
+                .as_ref()
+                .is_none_or(|waker| !waker.will_wake(cx.waker()))
+            {
+                let waker = cx.waker().clone();
+                *state
+                    .task
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(waker.clone());
+                registered = Some(waker);
+            }
+            let flags = state.flags.load(Ordering::SeqCst);
+            if closing || flags & (SHED | STOP) == 0 {
+                return Poll::Pending;
+            }
+            if flags & SHED != 0 && flags & (ACTIVE | WRITE_BLOCKED) == 0 {
+                // Chosen while idle: dropping the connection closes it.
+                return Poll::Ready(None);
+            }
+            // Shutting down, or chosen just as a request arrived: that request is finished
+            // first (an idle connection closes at once).
+            connection.as_mut().graceful_shutdown();
+            closing = true;
+            connection.as_mut().poll(cx).map(Some)
+        })
+        .await;
+        if let Some(Err(err)) = ended {
+            tracing::debug!(error = %err, listener = self.registry.listener, "connection ended with an error");
         }
-    }
-}
-
-async fn stopped(stop: &mut Option<watch::Receiver<bool>>) {
-    match stop {
-        Some(stop) => {
-            let _ = stop.wait_for(|stop| *stop).await;
-        }
-        None => std::future::pending().await,
     }
 }
 
@@ -315,7 +335,9 @@ impl Busy {
 impl Drop for Busy {
     fn drop(&mut self) {
         let state = &self.0;
-        state.idle_since.store(state.wake.now(), Ordering::Relaxed);
+        state
+            .idle_since
+            .store(state.wake.next_idle(), Ordering::Relaxed);
         state.flags.fetch_and(!ACTIVE, Ordering::SeqCst);
         state.wake.signal();
     }

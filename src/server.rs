@@ -182,16 +182,14 @@ async fn serve_proxy(
         let client = Arc::new(Peer::new(peer));
         let handler = move |request| proxy.clone().handle(request, client.clone());
         let builder = builder.clone();
-        let stop = stop.clone();
         let live = live.clone();
         tokio::spawn(async move {
-            connection
-                .serve(stream, &builder, handler, Some(stop))
-                .await;
+            connection.serve(stream, &builder, handler).await;
             drop(live);
         });
     }
     drop(listener);
+    connections.stop_all();
     drop(live);
     let grace = config.server.shutdown_grace;
     tracing::info!(connections = connections.open(), grace = %humantime::format_duration(grace), "draining");
@@ -224,7 +222,7 @@ async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, connections: Arc<
         let handler = move |request| admin.clone().handle(request);
         let builder = builder.clone();
         tokio::spawn(async move {
-            connection.serve(stream, &builder, handler, None).await;
+            connection.serve(stream, &builder, handler).await;
         });
     }
 }
