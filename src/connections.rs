@@ -36,7 +36,8 @@ const ACTIVE: u8 = 1;
 const WRITE_BLOCKED: u8 = 2;
 /// Chosen to make room for a new connection.
 const SHED: u8 = 4;
-/// lfguard is shutting down: finish the request in progress, then close.
+/// lfguard is shutting down: finish the request in progress, then close (an idle connection
+/// closes at once, also one still sending its headers).
 const STOP: u8 = 8;
 
 /// The connections of one listener, at most `cap` of them.
@@ -305,12 +306,12 @@ impl Connection {
             if closing || flags & (SHED | STOP) == 0 {
                 return Poll::Pending;
             }
-            if flags & SHED != 0 && flags & (ACTIVE | WRITE_BLOCKED) == 0 {
-                // Chosen while idle: dropping the connection closes it.
+            if flags & (ACTIVE | WRITE_BLOCKED) == 0 {
+                // Idle (also halfway through its request headers): dropping the connection
+                // closes it.
                 return Poll::Ready(None);
             }
-            // Shutting down, or chosen just as a request arrived: that request is finished
-            // first (an idle connection closes at once).
+            // A request in progress is finished first.
             connection.as_mut().graceful_shutdown();
             closing = true;
             connection.as_mut().poll(cx).map(Some)

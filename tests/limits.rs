@@ -806,3 +806,53 @@ fn a_response_body_that_does_not_finish_within_upstream_timeout_is_cut_off() {
     assert_eq!(response.body, vec![b'c'; LENGTH]);
     assert_eq!(backend.requests.load(Ordering::SeqCst), 3);
 }
+
+// ---------------------------------------------------------------- shutdown
+
+/// On SIGTERM idle connections (kept alive, or halfway through their headers) are closed at
+/// once, while a request in progress finishes: the drain does not wait for idle connections to
+/// time out.
+#[test]
+fn shutdown_closes_idle_connections_and_lets_requests_in_progress_finish() {
+    let backend = Backend::start();
+    let mut lfguard = Lfguard::start(
+        &backend,
+        "[server]\nheader_read_timeout = \"60s\"\nshutdown_grace = \"10s\"",
+    );
+    let mut idle = TcpStream::connect(lfguard.addr).unwrap();
+    idle.set_read_timeout(Some(PROMPTLY)).unwrap();
+    idle.write_all(&keep_alive(&Callback::signed(sms_body())))
+        .unwrap();
+    let first = read_response(&mut BufReader::new(idle.try_clone().unwrap())).unwrap();
+    assert_eq!(first.status, 200);
+    let mut slow = TcpStream::connect(lfguard.addr).unwrap();
+    slow.write_all(b"POST /callback HTTP/1.1\r\nHost: lfguard.test\r\nX-Half: abc")
+        .unwrap();
+
+    backend.set_reply(Reply {
+        delay: Duration::from_millis(800),
+        ..Reply::default()
+    });
+    let addr = lfguard.addr;
+    let in_flight = std::thread::spawn(move || Callback::signed(sms_body()).send(addr));
+    backend.wait_for(2);
+    let signalled = Instant::now();
+    lfguard.signal("TERM");
+    assert!(closed_by_peer(&mut idle), "the idle connection is closed");
+    assert!(closed_by_peer(&mut slow), "the slow one is closed");
+    let response = in_flight.join().unwrap();
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(lfguard.wait_exit(), Some(0));
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "exited {:?} after SIGTERM",
+        signalled.elapsed()
+    );
+    assert!(
+        !lfguard
+            .logs()
+            .iter()
+            .any(|line| line.contains("shutdown grace ended")),
+        "the drain waited for the idle connection"
+    );
+}
