@@ -37,7 +37,14 @@ impl Admin {
             (&Method::GET | &Method::HEAD, "/metrics") => {
                 let mut response = text(
                     StatusCode::OK,
-                    self.shared.metrics.render(&self.shared.replay),
+                    self.shared.metrics.render(
+                        &self.shared.replay,
+                        &self.shared.budget,
+                        &[
+                            ("proxy", &self.shared.proxy_connections),
+                            ("admin", &self.shared.admin_connections),
+                        ],
+                    ),
                 );
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,

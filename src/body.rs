@@ -4,7 +4,11 @@
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+/// Why a streamed body ended early: the backend's connection failed, or it did not finish within
+/// `upstream.timeout`.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+pub type ProxyBody = BoxBody<Bytes, BodyError>;
 
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
     Full::new(bytes.into())

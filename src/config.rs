@@ -64,7 +64,14 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    /// Connections served at once on the proxy port. At the cap, the connection idle the longest
+    /// (between requests, or still sending its headers) is closed for a new one; connections
+    /// with a request in progress are never closed for that.
     pub max_connections: usize,
+    /// The same for the admin port, counted separately so that neither starves the other.
+    pub admin_max_connections: usize,
+    /// Bytes of request bodies buffered at once, over all connections; past it, 503 overloaded.
+    pub max_buffered_bytes: u64,
     pub max_headers: usize,
     pub max_header_bytes: usize,
     #[serde(with = "humantime_serde")]
@@ -81,7 +88,11 @@ impl Default for ServerConfig {
             max_body_bytes: 256 * 1024,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(15),
-            max_connections: 1024,
+            // With the body budget and the baseline these fit the 64 MiB memory limit of the
+            // shipped pod (k8s/base) with room; tests/limits.rs checks the arithmetic.
+            max_connections: 384,
+            admin_max_connections: 64,
+            max_buffered_bytes: 8 * 1024 * 1024,
             max_headers: 64,
             max_header_bytes: 16 * 1024,
             shutdown_grace: Duration::from_secs(20),
@@ -379,6 +390,18 @@ impl Config {
         if server.max_connections == 0 {
             problems.push("server.max_connections: must be greater than 0".into());
         }
+        if server.admin_max_connections == 0 {
+            problems.push("server.admin_max_connections: must be greater than 0".into());
+        }
+        if server.max_buffered_bytes == 0 {
+            problems.push("server.max_buffered_bytes: must be greater than 0".into());
+        } else if server.max_buffered_bytes < server.max_body_bytes {
+            problems.push(format!(
+                "server.max_buffered_bytes: {} is less than server.max_body_bytes ({}); a body \
+                 of the largest allowed size could never be buffered",
+                server.max_buffered_bytes, server.max_body_bytes
+            ));
+        }
         if server.max_headers == 0 {
             problems.push("server.max_headers: must be greater than 0".into());
         }
@@ -557,5 +580,41 @@ mod tests {
     fn defaults_are_consistent() {
         let defaults = Config::default();
         assert!(defaults.replay.window >= defaults.verify.max_age + defaults.verify.max_skew);
+        assert!(defaults.server.max_buffered_bytes >= defaults.server.max_body_bytes);
+    }
+
+    #[test]
+    fn the_body_budget_must_hold_one_body_of_the_largest_size() {
+        let mut config = Config::default();
+        config.partners.insert(
+            "P1".into(),
+            PartnerConfig {
+                secrets: vec!["k".into()],
+                ..Default::default()
+            },
+        );
+        let problems = |config: &Config| config.clone().validate().err().map(|err| err.0);
+        config.server.max_buffered_bytes = config.server.max_body_bytes - 1;
+        let found = problems(&config).unwrap();
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("server.max_buffered_bytes: 262143 is less than")),
+            "{found:?}"
+        );
+        config.server.max_buffered_bytes = 0;
+        config.server.admin_max_connections = 0;
+        let found = problems(&config).unwrap();
+        assert!(
+            found.contains(&"server.max_buffered_bytes: must be greater than 0".to_string()),
+            "{found:?}"
+        );
+        assert!(
+            found.contains(&"server.admin_max_connections: must be greater than 0".to_string()),
+            "{found:?}"
+        );
+        config.server.max_buffered_bytes = config.server.max_body_bytes;
+        config.server.admin_max_connections = 1;
+        assert!(problems(&config).is_none());
     }
 }

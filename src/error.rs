@@ -44,8 +44,14 @@ pub enum Rejection {
     UnsupportedMediaType,
     UpstreamUnavailable(String),
     ReplayStoreUnavailable(String),
+    /// The budget for buffered bodies (`server.max_buffered_bytes`) is spent.
+    Overloaded,
     UpstreamTimeout,
 }
+
+/// `Retry-After` of an `overloaded` refusal: bodies are held for milliseconds normally, and
+/// slow senders are cut off after `server.body_read_timeout`.
+pub const OVERLOADED_RETRY_AFTER_SECS: u64 = 2;
 
 impl Rejection {
     pub fn status(&self) -> StatusCode {
@@ -68,7 +74,9 @@ impl Rejection {
             Rejection::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Rejection::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
-            Rejection::ReplayStoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::ReplayStoreUnavailable(_) | Rejection::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -98,6 +106,7 @@ impl Rejection {
             | Rejection::BodyTooLarge { .. }
             | Rejection::UnsupportedMediaType
             | Rejection::UpstreamUnavailable(_)
+            | Rejection::Overloaded
             | Rejection::UpstreamTimeout => false,
         }
     }
@@ -124,6 +133,7 @@ impl Rejection {
             Rejection::UnsupportedMediaType => "unsupported_media_type",
             Rejection::UpstreamUnavailable(_) => "upstream_unavailable",
             Rejection::ReplayStoreUnavailable(_) => "replay_store_unavailable",
+            Rejection::Overloaded => "overloaded",
             Rejection::UpstreamTimeout => "upstream_timeout",
         }
     }
@@ -158,6 +168,9 @@ impl Rejection {
             }
             Rejection::UpstreamUnavailable(_) => "backend unreachable".into(),
             Rejection::ReplayStoreUnavailable(_) => "replay store unavailable; retry later".into(),
+            Rejection::Overloaded => {
+                "too many request bodies are being received at once; retry later".into()
+            }
             Rejection::UpstreamTimeout => "backend did not answer in time".into(),
         }
     }
@@ -188,6 +201,7 @@ impl Rejection {
             | Rejection::InFlight { .. }
             | Rejection::BodyTooLarge { .. }
             | Rejection::UnsupportedMediaType
+            | Rejection::Overloaded
             | Rejection::UpstreamTimeout => self.message(),
         }
     }
@@ -213,6 +227,12 @@ impl Rejection {
             }
             Rejection::ReplayStoreUnavailable(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            Rejection::Overloaded => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(OVERLOADED_RETRY_AFTER_SECS),
+                );
             }
             Rejection::MalformedRequest(_)
             | Rejection::MalformedBody(_)
@@ -310,6 +330,7 @@ mod tests {
                 503,
                 "replay_store_unavailable",
             ),
+            (Rejection::Overloaded, 503, "overloaded"),
             (Rejection::UpstreamTimeout, 504, "upstream_timeout"),
         ];
         for (rejection, status, code) in all {
@@ -317,6 +338,12 @@ mod tests {
             assert_eq!(rejection.code(), code);
             assert_eq!(rejection.to_response().status().as_u16(), status);
         }
+        let overloaded = Rejection::Overloaded.to_response();
+        assert_eq!(
+            overloaded.headers()[header::RETRY_AFTER],
+            OVERLOADED_RETRY_AFTER_SECS.to_string()
+        );
+        assert!(!Rejection::Overloaded.is_reportable());
     }
 
     #[test]

@@ -9,6 +9,8 @@ use prometheus::{
     Registry, TextEncoder, exponential_buckets,
 };
 
+use crate::connections::Connections;
+use crate::limits::BodyBudget;
 use crate::replay::AnyStore;
 
 /// The label value for requests whose partner is missing or not configured.
@@ -27,6 +29,11 @@ pub struct Metrics {
     secret_reloads: IntCounterVec,
     verifications: IntCounterVec,
     signature_variants: IntCounterVec,
+    buffered_body_bytes: IntGauge,
+    buffered_body_bytes_limit: IntGauge,
+    connections: IntGaugeVec,
+    connections_limit: IntGaugeVec,
+    connections_shed: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -113,6 +120,40 @@ impl Metrics {
             &["partner", "variant"],
         )
         .expect("valid metric");
+        let buffered_body_bytes = IntGauge::new(
+            "lfguard_buffered_body_bytes",
+            "Bytes of request bodies being buffered (counted against server.max_buffered_bytes)",
+        )
+        .expect("valid metric");
+        let buffered_body_bytes_limit = IntGauge::new(
+            "lfguard_buffered_body_bytes_limit",
+            "server.max_buffered_bytes: past it requests are refused with 503 overloaded",
+        )
+        .expect("valid metric");
+        let connections = IntGaugeVec::new(
+            Opts::new(
+                "lfguard_connections",
+                "Connections being served, by listener",
+            ),
+            &["listener"],
+        )
+        .expect("valid metric");
+        let connections_limit = IntGaugeVec::new(
+            Opts::new(
+                "lfguard_connections_limit",
+                "The connection cap of each listener (server.max_connections, server.admin_max_connections)",
+            ),
+            &["listener"],
+        )
+        .expect("valid metric");
+        let connections_shed = IntCounterVec::new(
+            Opts::new(
+                "lfguard_connections_shed_total",
+                "Idle connections closed at the connection cap to make room for a new one",
+            ),
+            &["listener"],
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new("lfguard_build_info", "The running lfguard version"),
             &["version"],
@@ -136,6 +177,11 @@ impl Metrics {
             Box::new(secret_reloads.clone()),
             Box::new(verifications.clone()),
             Box::new(signature_variants.clone()),
+            Box::new(buffered_body_bytes.clone()),
+            Box::new(buffered_body_bytes_limit.clone()),
+            Box::new(connections.clone()),
+            Box::new(connections_limit.clone()),
+            Box::new(connections_shed.clone()),
             Box::new(build_info),
         ] {
             registry
@@ -155,7 +201,17 @@ impl Metrics {
             secret_reloads,
             verifications,
             signature_variants,
+            buffered_body_bytes,
+            buffered_body_bytes_limit,
+            connections,
+            connections_limit,
+            connections_shed,
         }
+    }
+
+    /// The counter of connections a listener closed to make room (`Connections` increments it).
+    pub fn connections_shed(&self, listener: &str) -> IntCounter {
+        self.connections_shed.with_label_values(&[listener])
     }
 
     /// `partner` must already be a configured partner code, or `None`.
@@ -194,9 +250,25 @@ impl Metrics {
         self.secret_reloads.with_label_values(&[result]).inc();
     }
 
-    /// The text exposition, with the store's figures read at scrape time.
-    pub fn render(&self, store: &AnyStore) -> String {
+    /// The text exposition, with the store's, the body budget's and the listeners' figures read
+    /// at scrape time.
+    pub fn render(
+        &self,
+        store: &AnyStore,
+        budget: &BodyBudget,
+        listeners: &[(&str, &Connections)],
+    ) -> String {
         let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        self.buffered_body_bytes.set(gauge(budget.held()));
+        self.buffered_body_bytes_limit.set(gauge(budget.limit()));
+        for (listener, connections) in listeners {
+            self.connections
+                .with_label_values(&[listener])
+                .set(gauge(connections.open() as u64));
+            self.connections_limit
+                .with_label_values(&[listener])
+                .set(gauge(connections.cap() as u64));
+        }
         if let Some(((delivered, in_flight), capacity)) = store.entries() {
             self.replay_entries.set(gauge(delivered));
             self.replay_in_flight.set(gauge(in_flight));

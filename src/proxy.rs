@@ -10,11 +10,11 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
 use crate::ambiguity;
@@ -24,12 +24,13 @@ use crate::diagnose;
 use crate::error::Rejection;
 use crate::framing::HeadWatch;
 use crate::freshness::{self, Staleness};
+use crate::limits::{BodyBudget, Reservation};
 use crate::logging::RequestLine;
 use crate::metrics::Metrics;
 use crate::replay::{self, AnyStore, Claim, ClaimGuard, Store};
 use crate::secrets::{SecretStore, is_partner_code};
 use crate::signature::{self, Body, Value};
-use crate::upstream::Upstream;
+use crate::upstream::{Deadline, Upstream};
 
 // Header names as `HeaderName`s: looking one up by `&str` parses and validates it every time.
 const SIGNATURE_HEADER: HeaderName = HeaderName::from_static("x-lf-md5");
@@ -232,6 +233,8 @@ pub struct Proxy {
     replay: Arc<AnyStore>,
     metrics: Arc<Metrics>,
     upstream: Arc<Upstream>,
+    /// `server.max_buffered_bytes`, shared by every request body being buffered.
+    budget: Arc<BodyBudget>,
 }
 
 impl Proxy {
@@ -240,6 +243,7 @@ impl Proxy {
         secrets: Arc<ArcSwap<SecretStore>>,
         replay: Arc<AnyStore>,
         metrics: Arc<Metrics>,
+        budget: Arc<BodyBudget>,
     ) -> Self {
         let upstream =
             Upstream::new(&config.upstream).expect("upstream.url was validated at config load");
@@ -249,6 +253,7 @@ impl Proxy {
             replay,
             metrics,
             upstream: Arc::new(upstream),
+            budget,
         }
     }
 
@@ -290,12 +295,15 @@ impl Proxy {
         let (parts, incoming) = request.into_parts();
         // Heads that lfguard and the backend could read differently: refused on every route.
         check_head(&parts.headers, peer)?;
+        // The body's share of `server.max_buffered_bytes`, held until this request is finished
+        // with (answered, refused, or dropped because the client went away).
+        let mut held = self.budget.reservation();
 
         // Operators may pass a backend's own pages (health, status) through unverified; other
         // routes may carry a member schema and their own overrides.
         let route = self.route_for(parts.uri.path());
         if route.is_some_and(|route| !route.verify) && self.is_passthrough(&parts) {
-            let body = self.read_body(&parts, incoming).await?;
+            let body = self.read_body(&parts, incoming, &mut held).await?;
             let forward = self.upstream_request(parts, body, peer, None);
             let response = self.send_upstream(forward, log).await?;
             return Ok((response, Accepted::PassedThrough));
@@ -312,7 +320,7 @@ impl Proxy {
         {
             return Err(Rejection::UnsupportedMediaType);
         }
-        let body = self.read_body(&parts, incoming).await?;
+        let body = self.read_body(&parts, incoming, &mut held).await?;
         let parsed = parse_body(&body, form)?;
         let secrets = self.secrets.load();
         let partner = partner_code(&parsed);
@@ -449,26 +457,31 @@ impl Proxy {
         PASSTHROUGH_METHODS.contains(&parts.method) && is_clean_path(parts.uri.path())
     }
 
-    /// Buffers the body within `server.max_body_bytes` and `server.body_read_timeout`. A declared
-    /// Content-Length over the limit is refused before a byte is read.
-    async fn read_body(&self, parts: &Parts, incoming: Incoming) -> Result<Bytes, Rejection> {
+    /// Buffers the body within `server.max_body_bytes`, `server.body_read_timeout` and the
+    /// shared `server.max_buffered_bytes`. A declared Content-Length over the limit is refused
+    /// before a byte is read; one the budget cannot cover is refused (503 `overloaded`) before a
+    /// byte is read too. A chunked body takes its share as it grows.
+    async fn read_body<'b>(
+        &'b self,
+        parts: &Parts,
+        incoming: Incoming,
+        held: &mut Reservation<'b>,
+    ) -> Result<Bytes, Rejection> {
         let limit = self.config.server.max_body_bytes;
-        let too_large = Rejection::BodyTooLarge { limit };
-        if let Some(length) = parts.headers.get(header::CONTENT_LENGTH)
-            && length
-                .to_str()
-                .ok()
-                .and_then(|l| l.parse::<u64>().ok())
-                .is_none_or(|l| l > limit)
-        {
-            return Err(too_large);
+        let declared = match parts.headers.get(header::CONTENT_LENGTH) {
+            None => None,
+            Some(length) => match length.to_str().ok().and_then(|l| l.parse::<u64>().ok()) {
+                Some(length) if length <= limit => Some(length),
+                _ => return Err(Rejection::BodyTooLarge { limit }),
+            },
+        };
+        if let Some(length) = declared {
+            held.grow(length).map_err(|_| Rejection::Overloaded)?;
         }
-        let limited = Limited::new(incoming, usize::try_from(limit).unwrap_or(usize::MAX));
-        match tokio::time::timeout(self.config.server.body_read_timeout, limited.collect()).await {
+        let collect = collect_body(incoming, declared, limit, held);
+        match tokio::time::timeout(self.config.server.body_read_timeout, collect).await {
             Err(_elapsed) => Err(Rejection::RequestTimeout),
-            Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => Err(too_large),
-            Ok(Err(err)) => Err(Rejection::UnreadableBody(error_chain(err.as_ref()))),
-            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(result) => result,
         }
     }
 
@@ -761,22 +774,29 @@ async fn exchange(
     request: Request<Full<Bytes>>,
 ) -> (Result<Response<ProxyBody>, Rejection>, f64) {
     let started = Instant::now();
-    let result = tokio::time::timeout(timeout, upstream.send(request)).await;
+    // One deadline for the whole exchange: the head, then the body (`Deadline`).
+    let mut deadline = Box::pin(tokio::time::sleep(timeout));
+    let result = tokio::select! {
+        biased;
+        result = upstream.send(request) => Some(result),
+        () = deadline.as_mut() => None,
+    };
     let seconds = started.elapsed().as_secs_f64();
     let response = match result {
-        Err(_elapsed) => return (Err(Rejection::UpstreamTimeout), seconds),
-        Ok(Err(err)) => {
+        None => return (Err(Rejection::UpstreamTimeout), seconds),
+        Some(Err(err)) => {
             return (
                 Err(Rejection::UpstreamUnavailable(err.to_string())),
                 seconds,
             );
         }
-        Ok(Ok(response)) => response,
+        Some(Ok(response)) => response,
     };
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, |_| false);
     // lfguard speaks HTTP/1.1 to its client whatever the backend spoke.
     parts.version = Version::HTTP_11;
+    let body = Deadline::new(body, deadline, timeout);
     (Ok(Response::from_parts(parts, body.boxed())), seconds)
 }
 
@@ -1030,6 +1050,69 @@ fn delivery_id(headers: &HeaderMap, required: bool) -> Result<Option<String>, Re
             "x-lf-delivery must be at most {MAX_DELIVERY_ID_LEN} visible ASCII characters"
         ))),
     }
+}
+
+/// Reads a body's frames into one buffer. Each frame is copied out as it arrives, so that hyper
+/// can reuse its read buffer: a frame kept as it is would pin the whole buffer it was cut from,
+/// 8 KiB or more even for the one byte of a slow sender's packet. A body that arrives as one
+/// frame (the usual case: it came with the headers) is kept without a copy.
+///
+/// A declared body was reserved in full already and gets a buffer of exactly its length. A
+/// chunked one reserves its buffer's capacity, which grows to twice its size (at most to the
+/// body limit) each time it fills.
+async fn collect_body(
+    mut incoming: Incoming,
+    declared: Option<u64>,
+    limit: u64,
+    held: &mut Reservation<'_>,
+) -> Result<Bytes, Rejection> {
+    let mut first: Option<Bytes> = None;
+    let mut joined = BytesMut::new();
+    let mut received: u64 = 0;
+    while let Some(frame) = incoming.frame().await {
+        let frame = frame.map_err(|err| Rejection::UnreadableBody(error_chain(&err)))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        received += data.len() as u64;
+        if received > limit {
+            return Err(Rejection::BodyTooLarge { limit });
+        }
+        if declared.is_none() && held.bytes() < received {
+            // Chunked: the first frame is held as it came; later ones in a buffer of reserved
+            // capacity.
+            let needed = if first.is_none() && joined.is_empty() {
+                received
+            } else {
+                received.max(joined.capacity() as u64 * 2).min(limit)
+            };
+            held.grow(needed - held.bytes())
+                .map_err(|_| Rejection::Overloaded)?;
+        }
+        if first.is_none() && joined.is_empty() {
+            first = Some(data);
+            continue;
+        }
+        if let Some(first) = first.take() {
+            let capacity = declared.unwrap_or(held.bytes());
+            joined = BytesMut::with_capacity(usize::try_from(capacity).unwrap_or(usize::MAX));
+            joined.put(first);
+        } else if joined.capacity() - joined.len() < data.len() {
+            // Grown by hand to exactly the reserved capacity (`reserve` may round it up).
+            let mut grown =
+                BytesMut::with_capacity(usize::try_from(held.bytes()).unwrap_or(usize::MAX));
+            grown.put(joined);
+            joined = grown;
+        }
+        joined.put(data);
+    }
+    Ok(match first {
+        Some(first) => first,
+        None => joined.freeze(),
+    })
 }
 
 fn parse_body(body: &[u8], form: bool) -> Result<Body<'_>, Rejection> {

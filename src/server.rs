@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::TokioTimer;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::connections::Connections;
 use crate::framing::Watched;
+use crate::limits::BodyBudget;
 use crate::metrics::Metrics;
 use crate::proxy::{Peer, Proxy};
 use crate::replay::AnyStore;
@@ -25,6 +25,12 @@ use crate::secrets::{self, SecretStore};
 
 /// A pause after a failed accept (usually out of file descriptors) so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// The admin port serves three small GETs: hyper's smallest buffers and few headers suffice, so
+/// a flood of admin connections holds little memory.
+const ADMIN_MAX_BUF_BYTES: usize = 8192;
+const ADMIN_MAX_HEADERS: usize = 32;
+const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// State shared by the proxy, the admin server and the signal handlers.
 pub struct Shared {
@@ -35,6 +41,12 @@ pub struct Shared {
     pub secrets: Arc<ArcSwap<SecretStore>>,
     pub replay: Arc<AnyStore>,
     pub metrics: Arc<Metrics>,
+    /// `server.max_buffered_bytes`: shared by every request body being buffered.
+    pub budget: Arc<BodyBudget>,
+    /// The connections of the proxy port (`server.max_connections`).
+    pub proxy_connections: Arc<Connections>,
+    /// The connections of the admin port (`server.admin_max_connections`).
+    pub admin_connections: Arc<Connections>,
     /// Set once shutdown begins: readiness answers 503 from then on.
     pub draining: AtomicBool,
 }
@@ -49,10 +61,22 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Str
             tracing::warn!(partner = %code, "inline secrets in the config file are for development only; use secret_files, secret_env or partners_dir");
         }
     }
+    let metrics = Arc::new(Metrics::new());
     let shared = Arc::new(Shared {
         secrets: Arc::new(ArcSwap::from_pointee(secrets)),
         replay: AnyStore::from_config(&config).map_err(|err| err.0)?,
-        metrics: Arc::new(Metrics::new()),
+        budget: Arc::new(BodyBudget::new(config.server.max_buffered_bytes)),
+        proxy_connections: Connections::new(
+            "proxy",
+            config.server.max_connections,
+            metrics.connections_shed("proxy"),
+        ),
+        admin_connections: Connections::new(
+            "admin",
+            config.server.admin_max_connections,
+            metrics.connections_shed("admin"),
+        ),
+        metrics,
         draining: AtomicBool::new(false),
         config: config.clone(),
         config_path,
@@ -63,7 +87,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Str
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin = Arc::new(Admin::new(shared.clone()));
-    let admin_task = tokio::spawn(serve_admin(admin_listener, admin));
+    let admin_task = tokio::spawn(serve_admin(
+        admin_listener,
+        admin,
+        shared.admin_connections.clone(),
+    ));
     let reloader = tokio::spawn(secrets::watch(shared.clone(), stop_rx.clone()));
     let signals = tokio::spawn(handle_signals(shared.clone(), stop_tx));
 
@@ -72,6 +100,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Str
         shared.secrets.clone(),
         shared.replay.clone(),
         shared.metrics.clone(),
+        shared.budget.clone(),
     ));
     let idle_closer = tokio::spawn(proxy.upstream().clone().close_idle_connections());
     tracing::info!(
@@ -80,7 +109,14 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Str
         upstream = %config.upstream.url,
         "ready"
     );
-    serve_proxy(proxy_listener, proxy, &config, stop_rx).await;
+    serve_proxy(
+        proxy_listener,
+        proxy,
+        shared.proxy_connections.clone(),
+        &config,
+        stop_rx,
+    )
+    .await;
     signals.abort();
     idle_closer.abort();
     reloader.abort();
@@ -113,21 +149,20 @@ fn http1_builder(config: &Config) -> http1::Builder {
 }
 
 /// Accepts until `stop` turns true. At most `server.max_connections` connections are served at
-/// once; further ones wait in the listen backlog rather than being dropped.
+/// once: at the cap the connection idle the longest makes room for a new one, and if every
+/// connection has a request in progress the new one waits (and those after it wait in the
+/// listen backlog). Then drains: each connection finishes its request and closes.
 async fn serve_proxy(
     listener: TcpListener,
     proxy: Arc<Proxy>,
+    connections: Arc<Connections>,
     config: &Config,
     mut stop: watch::Receiver<bool>,
 ) {
-    let builder = http1_builder(config);
-    let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(config.server.max_connections));
+    let builder = Arc::new(http1_builder(config));
+    // Each connection's task holds a sender; `recv` answers `None` once all of them ended.
+    let (live, mut drained) = mpsc::channel::<()>(1);
     loop {
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => permit.expect("semaphore is never closed"),
-            _ = stop.wait_for(|stop| *stop) => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -139,6 +174,10 @@ async fn serve_proxy(
             },
             _ = stop.wait_for(|stop| *stop) => break,
         };
+        let connection = tokio::select! {
+            connection = connections.admit() => connection,
+            _ = stop.wait_for(|stop| *stop) => break,
+        };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
         let client = Arc::new(Peer::new(peer));
@@ -147,32 +186,34 @@ async fn serve_proxy(
             client.head_watch().clone(),
             config.server.max_header_bytes,
         );
-        let service = service_fn(move |request| proxy.clone().handle(request, client.clone()));
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        let handler = move |request| proxy.clone().handle(request, client.clone());
+        let builder = builder.clone();
+        let live = live.clone();
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(error = %err, peer = %peer, "connection ended with an error");
-            }
-            drop(permit);
+            connection.serve(stream, &builder, handler).await;
+            drop(live);
         });
     }
     drop(listener);
+    connections.stop_all();
+    drop(live);
     let grace = config.server.shutdown_grace;
-    tracing::info!(connections = graceful.count(), grace = %humantime::format_duration(grace), "draining");
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    tracing::info!(connections = connections.open(), grace = %humantime::format_duration(grace), "draining");
+    if tokio::time::timeout(grace, drained.recv()).await.is_err() {
         tracing::warn!("shutdown grace ended with requests still in flight");
     }
 }
 
-/// Runs until aborted: it keeps answering (readiness 503) while the proxy drains.
-async fn serve_admin(listener: TcpListener, admin: Arc<Admin>) {
+/// Runs until aborted: it keeps answering (readiness 503) while the proxy drains. At most
+/// `server.admin_max_connections` connections, made room for like the proxy's.
+async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, connections: Arc<Connections>) {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(5));
+        .header_read_timeout(ADMIN_HEADER_READ_TIMEOUT)
+        .max_buf_size(ADMIN_MAX_BUF_BYTES)
+        .max_headers(ADMIN_MAX_HEADERS);
+    let builder = Arc::new(builder);
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _peer)) => stream,
@@ -182,11 +223,12 @@ async fn serve_admin(listener: TcpListener, admin: Arc<Admin>) {
                 continue;
             }
         };
+        let connection = connections.admit().await;
         let admin = admin.clone();
-        let service = service_fn(move |request| admin.clone().handle(request));
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let handler = move |request| admin.clone().handle(request);
+        let builder = builder.clone();
         tokio::spawn(async move {
-            let _ = connection.await;
+            connection.serve(stream, &builder, handler).await;
         });
     }
 }
