@@ -74,6 +74,12 @@ pub struct ServerConfig {
     pub max_buffered_bytes: u64,
     pub max_headers: usize,
     pub max_header_bytes: usize,
+    /// After SIGTERM, how long lfguard keeps accepting and serving (with `Connection: close`)
+    /// while readiness already fails, so that load balancers and kube-proxy stop routing to it
+    /// before it stops accepting.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// Then, how long requests in progress get to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     /// Tokio worker threads; 0 means one per core.
@@ -95,6 +101,7 @@ impl Default for ServerConfig {
             max_buffered_bytes: 8 * 1024 * 1024,
             max_headers: 64,
             max_header_bytes: 16 * 1024,
+            drain_delay: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(20),
             worker_threads: 0,
         }

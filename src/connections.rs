@@ -35,9 +35,13 @@ const ACTIVE: u8 = 1;
 const WRITE_BLOCKED: u8 = 2;
 /// Chosen to make room for a new connection.
 const SHED: u8 = 4;
-/// lfguard is shutting down: finish the request in progress, then close (an idle connection
-/// closes at once, also one still sending its headers).
+/// lfguard is shutting down: finish the request in progress, then close. A kept-alive connection
+/// idle between requests closes at once; a connection that has not had a request yet (it may be
+/// sending the first, accepted during the drain delay) gets to send it, within
+/// `server.header_read_timeout`.
 const STOP: u8 = 8;
+/// The connection has had a request.
+const SERVED: u8 = 16;
 
 /// The connections of one listener, at most `cap` of them.
 pub struct Connections {
@@ -212,17 +216,21 @@ impl Connections {
 /// The idle connection that became idle first, marked `SHED` so that it cannot be chosen twice.
 /// A connection that turns busy between the scan and the mark is skipped.
 fn choose_idlest(slots: &Slots) -> Option<(usize, Arc<ConnState>)> {
+    let idle = |flags: u8| flags & !SERVED == 0;
     loop {
-        let (index, state) = slots
+        let (index, state, flags) = slots
             .entries
             .iter()
             .enumerate()
-            .filter_map(|(index, entry)| entry.as_ref().map(|state| (index, state)))
-            .filter(|(_, state)| state.flags.load(Ordering::SeqCst) == 0)
-            .min_by_key(|(_, state)| state.idle_since.load(Ordering::Relaxed))?;
+            .filter_map(|(index, entry)| {
+                let state = entry.as_ref()?;
+                let flags = state.flags.load(Ordering::SeqCst);
+                idle(flags).then_some((index, state, flags))
+            })
+            .min_by_key(|(_, state, _)| state.idle_since.load(Ordering::Relaxed))?;
         if state
             .flags
-            .compare_exchange(0, SHED, Ordering::SeqCst, Ordering::SeqCst)
+            .compare_exchange(flags, flags | SHED, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
         {
             return Some((index, state.clone()));
@@ -306,6 +314,12 @@ impl Connection {
             if closing || flags & (SHED | STOP) == 0 {
                 return Poll::Pending;
             }
+            if flags & (SHED | SERVED) == 0 && flags & (ACTIVE | WRITE_BLOCKED) == 0 {
+                // Stopping, but its first request may be on the way: it is answered with
+                // `Connection: close` (lfguard is draining), and hyper's header timeout bounds
+                // the wait.
+                return Poll::Pending;
+            }
             if flags & (ACTIVE | WRITE_BLOCKED) == 0 {
                 // Idle (also halfway through its request headers): dropping the connection
                 // closes it.
@@ -328,7 +342,7 @@ struct Busy(Arc<ConnState>);
 
 impl Busy {
     fn enter(state: &Arc<ConnState>) -> Self {
-        state.flags.fetch_or(ACTIVE, Ordering::SeqCst);
+        state.flags.fetch_or(ACTIVE | SERVED, Ordering::SeqCst);
         Busy(state.clone())
     }
 }
@@ -459,8 +473,8 @@ mod tests {
         let busy = Busy::enter(&oldest.state);
         let fourth = connections.admit().await;
         assert_eq!(connections.open(), 3);
-        assert_eq!(middle.state.flags.load(Ordering::SeqCst), SHED);
-        assert_eq!(oldest.state.flags.load(Ordering::SeqCst), ACTIVE);
+        assert_eq!(middle.state.flags.load(Ordering::SeqCst) & !SERVED, SHED);
+        assert_eq!(oldest.state.flags.load(Ordering::SeqCst) & !SERVED, ACTIVE);
         assert_eq!(connections.shed.get(), 1);
         // Its task ends later; that frees no second slot.
         drop(middle);
@@ -468,15 +482,15 @@ mod tests {
 
         // `newest` became idle before `fourth` was accepted: it goes first.
         let _fifth = connections.admit().await;
-        assert_eq!(newest.state.flags.load(Ordering::SeqCst), SHED);
-        assert_eq!(fourth.state.flags.load(Ordering::SeqCst), 0);
+        assert_eq!(newest.state.flags.load(Ordering::SeqCst) & !SERVED, SHED);
+        assert_eq!(fourth.state.flags.load(Ordering::SeqCst) & !SERVED, 0);
         drop(newest);
 
         // A connection that finished a request just now is idle more recently than `fourth`.
         drop(busy);
         let _sixth = connections.admit().await;
-        assert_eq!(fourth.state.flags.load(Ordering::SeqCst), SHED);
-        assert_eq!(oldest.state.flags.load(Ordering::SeqCst), 0);
+        assert_eq!(fourth.state.flags.load(Ordering::SeqCst) & !SERVED, SHED);
+        assert_eq!(oldest.state.flags.load(Ordering::SeqCst) & !SERVED, 0);
         assert_eq!(connections.shed.get(), 3);
     }
 
@@ -496,7 +510,7 @@ mod tests {
             .await
             .expect("admitted once the busy connection turned idle")
             .unwrap();
-        assert_eq!(only.state.flags.load(Ordering::SeqCst), SHED);
+        assert_eq!(only.state.flags.load(Ordering::SeqCst) & !SERVED, SHED);
         drop(admitted);
         assert_eq!(connections.open(), 0);
         // A connection that closes frees its slot for a waiting one too.

@@ -46,6 +46,8 @@ pub enum Rejection {
     ReplayStoreUnavailable(String),
     /// The budget for buffered bodies (`server.max_buffered_bytes`) is spent.
     Overloaded,
+    /// lfguard shut down (`server.shutdown_grace` ran out) before the backend answered.
+    ShuttingDown,
     UpstreamTimeout,
 }
 
@@ -74,9 +76,9 @@ impl Rejection {
             Rejection::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Rejection::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
-            Rejection::ReplayStoreUnavailable(_) | Rejection::Overloaded => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Rejection::ReplayStoreUnavailable(_)
+            | Rejection::Overloaded
+            | Rejection::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -107,6 +109,7 @@ impl Rejection {
             | Rejection::UnsupportedMediaType
             | Rejection::UpstreamUnavailable(_)
             | Rejection::Overloaded
+            | Rejection::ShuttingDown
             | Rejection::UpstreamTimeout => false,
         }
     }
@@ -134,6 +137,7 @@ impl Rejection {
             Rejection::UpstreamUnavailable(_) => "upstream_unavailable",
             Rejection::ReplayStoreUnavailable(_) => "replay_store_unavailable",
             Rejection::Overloaded => "overloaded",
+            Rejection::ShuttingDown => "shutting_down",
             Rejection::UpstreamTimeout => "upstream_timeout",
         }
     }
@@ -171,6 +175,9 @@ impl Rejection {
             Rejection::Overloaded => {
                 "too many request bodies are being received at once; retry later".into()
             }
+            Rejection::ShuttingDown => {
+                "lfguard shut down before the backend answered; retry later".into()
+            }
             Rejection::UpstreamTimeout => "backend did not answer in time".into(),
         }
     }
@@ -202,6 +209,7 @@ impl Rejection {
             | Rejection::BodyTooLarge { .. }
             | Rejection::UnsupportedMediaType
             | Rejection::Overloaded
+            | Rejection::ShuttingDown
             | Rejection::UpstreamTimeout => self.message(),
         }
     }
@@ -225,7 +233,7 @@ impl Rejection {
             Rejection::InFlight { retry_after_secs } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
-            Rejection::ReplayStoreUnavailable(_) => {
+            Rejection::ReplayStoreUnavailable(_) | Rejection::ShuttingDown => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             Rejection::Overloaded => {
@@ -331,6 +339,7 @@ mod tests {
                 "replay_store_unavailable",
             ),
             (Rejection::Overloaded, 503, "overloaded"),
+            (Rejection::ShuttingDown, 503, "shutting_down"),
             (Rejection::UpstreamTimeout, 504, "upstream_timeout"),
         ];
         for (rejection, status, code) in all {

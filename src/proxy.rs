@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -16,6 +17,8 @@ use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::ambiguity;
 use crate::body::{ProxyBody, full};
@@ -187,7 +190,14 @@ impl<'p> Record<'p> {
 
 impl Drop for Record<'_> {
     fn drop(&mut self) {
-        if !self.emitted {
+        if !self.emitted && self.proxy.cut.is_cancelled() {
+            // lfguard itself dropped the request: `server.shutdown_grace` ran out.
+            self.emit(
+                Rejection::ShuttingDown.code(),
+                503,
+                Some("lfguard shut down (server.shutdown_grace ran out) before the answer"),
+            );
+        } else if !self.emitted {
             let reason = if self.log.delivering {
                 "the client closed the connection before the answer; the delivery to the backend \
                  goes on and its answer settles the replay claim"
@@ -235,6 +245,14 @@ pub struct Proxy {
     upstream: Arc<Upstream>,
     /// `server.max_buffered_bytes`, shared by every request body being buffered.
     budget: Arc<BodyBudget>,
+    /// Set when shutdown begins: answers carry `Connection: close`, so clients reconnect (to
+    /// another replica, once the endpoint is gone) instead of reusing this connection.
+    draining: Arc<AtomicBool>,
+    /// Cancelled when `server.shutdown_grace` ran out: deliveries still waiting for the backend
+    /// stop and release their replay claims.
+    cut: CancellationToken,
+    /// The deliveries in progress, so that shutdown can wait for their claims to be released.
+    deliveries: TaskTracker,
 }
 
 impl Proxy {
@@ -244,6 +262,7 @@ impl Proxy {
         replay: Arc<AnyStore>,
         metrics: Arc<Metrics>,
         budget: Arc<BodyBudget>,
+        draining: Arc<AtomicBool>,
     ) -> Self {
         let upstream =
             Upstream::new(&config.upstream).expect("upstream.url was validated at config load");
@@ -254,6 +273,33 @@ impl Proxy {
             metrics,
             upstream: Arc::new(upstream),
             budget,
+            draining,
+            cut: CancellationToken::new(),
+            deliveries: TaskTracker::new(),
+        }
+    }
+
+    /// `server.shutdown_grace` ran out: deliveries still waiting for the backend stop, release
+    /// their replay claims (so that Linksfield's retry, to whichever replica, is forwarded
+    /// without waiting for the claim to lapse) and answer 503 `shutting_down`. Returns once
+    /// they have, or after `within`.
+    pub async fn cut_deliveries(&self, within: Duration) {
+        let cut = self.deliveries.len();
+        self.cut.cancel();
+        self.deliveries.close();
+        if tokio::time::timeout(within, self.deliveries.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                deliveries = cut,
+                "replay claims of cut deliveries could not all be released; they lapse on their own"
+            );
+        } else if cut > 0 {
+            tracing::info!(
+                deliveries = cut,
+                "cut deliveries released their replay claims"
+            );
         }
     }
 
@@ -281,6 +327,12 @@ impl Proxy {
                 Some(rejection.detail()),
             ),
         };
+        let mut response = response;
+        if self.draining.load(Ordering::Relaxed) {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         record.emit(code, response.status().as_u16(), reason.as_deref());
         Ok(response)
     }
@@ -702,8 +754,23 @@ impl Proxy {
         let timeout = self.config.upstream.timeout;
         let window = self.config.replay.window;
         log.delivering = true;
-        let (result, seconds) = Detached::new(async move {
-            let (result, seconds) = exchange(&upstream, timeout, request).await;
+        let cut = self.cut.clone();
+        let (result, seconds) = Detached::new(self.deliveries.track_future(async move {
+            let started = Instant::now();
+            let exchanged = tokio::select! {
+                biased;
+                exchanged = exchange(&upstream, timeout, request) => Some(exchanged),
+                () = cut.cancelled() => None,
+            };
+            let Some((result, seconds)) = exchanged else {
+                if let Err(err) = guard.release().await {
+                    tracing::warn!(error = %err, "could not release the replay claim of a cut delivery");
+                }
+                return (
+                    Err(Rejection::ShuttingDown),
+                    started.elapsed().as_secs_f64(),
+                );
+            };
             let delivered = matches!(&result, Ok(response) if response.status().is_success());
             let settled = if delivered {
                 guard.settle(window).await
@@ -714,7 +781,7 @@ impl Proxy {
                 tracing::warn!(error = %err, delivered, "could not settle the replay claim");
             }
             (result, seconds)
-        })
+        }))
         .await;
         log.upstream_seconds = Some(seconds);
         result

@@ -23,6 +23,10 @@ use crate::proxy::{Peer, Proxy};
 use crate::replay::AnyStore;
 use crate::secrets::{self, SecretStore};
 
+/// How long deliveries cut at the end of `server.shutdown_grace` get to release their replay
+/// claims (a Redis store answers within its 2 s command timeout).
+const CUT_RELEASE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// A pause after a failed accept (usually out of file descriptors) so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
@@ -47,8 +51,9 @@ pub struct Shared {
     pub proxy_connections: Arc<Connections>,
     /// The connections of the admin port (`server.admin_max_connections`).
     pub admin_connections: Arc<Connections>,
-    /// Set once shutdown begins: readiness answers 503 from then on.
-    pub draining: AtomicBool,
+    /// Set once shutdown begins: readiness answers 503 from then on, and the proxy's answers
+    /// carry `Connection: close`.
+    pub draining: Arc<AtomicBool>,
 }
 
 /// Runs lfguard until a shutdown signal, then drains. Returns once every connection closed or
@@ -77,7 +82,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Str
             metrics.connections_shed("admin"),
         ),
         metrics,
-        draining: AtomicBool::new(false),
+        draining: Arc::new(AtomicBool::new(false)),
         config: config.clone(),
         config_path,
     });
@@ -101,6 +106,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Str
         shared.replay.clone(),
         shared.metrics.clone(),
         shared.budget.clone(),
+        shared.draining.clone(),
     ));
     let idle_closer = tokio::spawn(proxy.upstream().clone().close_idle_connections());
     tracing::info!(
@@ -111,7 +117,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Str
     );
     serve_proxy(
         proxy_listener,
-        proxy,
+        proxy.clone(),
         shared.proxy_connections.clone(),
         &config,
         stop_rx,
@@ -162,6 +168,17 @@ async fn serve_proxy(
     let builder = Arc::new(http1_builder(config));
     // Each connection's task holds a sender; `recv` answers `None` once all of them ended.
     let (live, mut drained) = mpsc::channel::<()>(1);
+    // After the shutdown signal, accepting goes on until `server.drain_delay` has passed:
+    // readiness fails already, but the endpoint takes a while to leave every load balancer and
+    // kube-proxy, which route new connections here meanwhile.
+    let delay = config.server.drain_delay;
+    let (close_tx, mut close) = watch::channel(false);
+    let delayed = tokio::spawn(async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+        tracing::info!(drain_delay = %humantime::format_duration(delay), "still accepting while the endpoint is removed");
+        tokio::time::sleep(delay).await;
+        let _ = close_tx.send(true);
+    });
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -172,11 +189,11 @@ async fn serve_proxy(
                     continue;
                 }
             },
-            _ = stop.wait_for(|stop| *stop) => break,
+            _ = close.wait_for(|close| *close) => break,
         };
         let connection = tokio::select! {
             connection = connections.admit() => connection,
-            _ = stop.wait_for(|stop| *stop) => break,
+            _ = close.wait_for(|close| *close) => break,
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
@@ -194,6 +211,7 @@ async fn serve_proxy(
             drop(live);
         });
     }
+    delayed.abort();
     drop(listener);
     connections.stop_all();
     drop(live);
@@ -201,6 +219,7 @@ async fn serve_proxy(
     tracing::info!(connections = connections.open(), grace = %humantime::format_duration(grace), "draining");
     if tokio::time::timeout(grace, drained.recv()).await.is_err() {
         tracing::warn!("shutdown grace ended with requests still in flight");
+        proxy.cut_deliveries(CUT_RELEASE_TIMEOUT).await;
     }
 }
 

@@ -143,10 +143,13 @@ fn redis_overlay_environment_passes_check_config() {
 }
 
 #[test]
-fn termination_grace_period_exceeds_shutdown_grace() {
+fn termination_grace_period_exceeds_drain_delay_and_shutdown_grace() {
     let file = base_config();
-    let shutdown_grace = humantime::parse_duration(get_str(&file, "server.shutdown_grace"))
-        .expect("server.shutdown_grace is a duration");
+    let duration = |key: &str| {
+        humantime::parse_duration(get_str(&file, key))
+            .unwrap_or_else(|err| panic!("{key} is a duration: {err}"))
+    };
+    let shutdown_grace = duration("server.drain_delay") + duration("server.shutdown_grace");
 
     let deployment = read(DEPLOYMENT);
     let periods: Vec<u64> = deployment
@@ -171,6 +174,6 @@ fn termination_grace_period_exceeds_shutdown_grace() {
     assert!(
         period > shutdown_grace,
         "terminationGracePeriodSeconds ({period:?}) must exceed server.shutdown_grace \
-         ({shutdown_grace:?}), or the kubelet kills lfguard while it drains"
+         + drain_delay ({shutdown_grace:?}), or the kubelet kills lfguard while it drains"
     );
 }

@@ -809,15 +809,16 @@ fn a_response_body_that_does_not_finish_within_upstream_timeout_is_cut_off() {
 
 // ---------------------------------------------------------------- shutdown
 
-/// On SIGTERM idle connections (kept alive, or halfway through their headers) are closed at
-/// once, while a request in progress finishes: the drain does not wait for idle connections to
-/// time out.
+/// On SIGTERM, once `server.drain_delay` has passed, kept-alive idle connections are closed at
+/// once and one that has not sent its first request yet gets `server.header_read_timeout` to
+/// send it, while a request in progress finishes: the drain does not wait for idle connections
+/// to time out.
 #[test]
 fn shutdown_closes_idle_connections_and_lets_requests_in_progress_finish() {
     let backend = Backend::start();
     let mut lfguard = Lfguard::start(
         &backend,
-        "[server]\nheader_read_timeout = \"60s\"\nshutdown_grace = \"10s\"",
+        "[server]\nheader_read_timeout = \"2s\"\nshutdown_grace = \"10s\"\ndrain_delay = \"500ms\"",
     );
     let mut idle = TcpStream::connect(lfguard.addr).unwrap();
     idle.set_read_timeout(Some(PROMPTLY)).unwrap();
@@ -839,6 +840,10 @@ fn shutdown_closes_idle_connections_and_lets_requests_in_progress_finish() {
     let signalled = Instant::now();
     lfguard.signal("TERM");
     assert!(closed_by_peer(&mut idle), "the idle connection is closed");
+    assert!(
+        signalled.elapsed() >= Duration::from_millis(500),
+        "closed before the drain delay"
+    );
     assert!(closed_by_peer(&mut slow), "the slow one is closed");
     let response = in_flight.join().unwrap();
     assert_eq!(response.status, 200, "{}", response.text());

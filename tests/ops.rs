@@ -555,3 +555,158 @@ fn the_log_filter_can_turn_request_lines_off() {
         "{events:?}"
     );
 }
+
+/// What one kept-alive sender saw while lfguard shut down.
+#[derive(Debug, Default)]
+struct SenderLog {
+    statuses: Vec<u16>,
+    /// Answers that told the sender to close the connection.
+    closes: usize,
+    /// Connections lfguard ended before the status line of a request sent on them.
+    eof_without_status: usize,
+    refused: usize,
+}
+
+/// Sends distinct callbacks over kept-alive connections until `stop`, reconnecting whenever an
+/// answer says `Connection: close`.
+fn kept_alive_sender(
+    addr: std::net::SocketAddr,
+    stop: &std::sync::atomic::AtomicBool,
+) -> SenderLog {
+    use std::sync::atomic::Ordering;
+    let mut log = SenderLog::default();
+    'connect: while !stop.load(Ordering::SeqCst) {
+        let Ok(stream) = TcpStream::connect(addr) else {
+            log.refused += 1;
+            continue;
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut writer = stream;
+        while !stop.load(Ordering::SeqCst) {
+            let request = String::from_utf8(Callback::signed(sms_body()).to_bytes())
+                .unwrap()
+                .replace("Connection: close\r\n", "");
+            if writer.write_all(request.as_bytes()).is_err() {
+                log.eof_without_status += 1;
+                continue 'connect;
+            }
+            match read_response(&mut reader) {
+                None => {
+                    log.eof_without_status += 1;
+                    continue 'connect;
+                }
+                Some(response) => {
+                    log.statuses.push(response.status);
+                    if response
+                        .header("connection")
+                        .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+                    {
+                        log.closes += 1;
+                        continue 'connect;
+                    }
+                }
+            }
+        }
+    }
+    log
+}
+
+#[test]
+fn sigterm_under_load_keeps_serving_through_the_drain_delay_and_cuts_no_request() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const SENDERS: usize = 50;
+    let backend = Backend::start();
+    let mut lfguard = Lfguard::start(
+        &backend,
+        "[server]\ndrain_delay = \"2s\"\nshutdown_grace = \"10s\"",
+    );
+    let addr = lfguard.addr;
+    let stop = AtomicBool::new(false);
+    let logs: Vec<SenderLog> = std::thread::scope(|scope| {
+        let senders: Vec<_> = (0..SENDERS)
+            .map(|_| scope.spawn(|| kept_alive_sender(addr, &stop)))
+            .collect();
+        backend.wait_for(2 * SENDERS);
+        lfguard.signal("TERM");
+        lfguard.wait_for_log(|e| e["message"] == "still accepting while the endpoint is removed");
+        assert_eq!(admin_get(lfguard.admin, "/readyz").status, 503);
+        // The scenario, not synchronisation: senders go on for half the drain delay, as clients
+        // do while the endpoint is being removed from load balancers.
+        std::thread::sleep(Duration::from_secs(1));
+        stop.store(true, Ordering::SeqCst);
+        senders.into_iter().map(|s| s.join().unwrap()).collect()
+    });
+    assert_eq!(lfguard.wait_exit(), Some(0));
+    let statuses: Vec<u16> = logs.iter().flat_map(|l| l.statuses.clone()).collect();
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert_eq!(logs.iter().map(|l| l.eof_without_status).sum::<usize>(), 0);
+    assert_eq!(logs.iter().map(|l| l.refused).sum::<usize>(), 0);
+    // Every sender was told to reconnect during the delay, and did.
+    assert!(logs.iter().all(|l| l.closes >= 1), "{logs:?}");
+    assert_eq!(backend.count(), statuses.len());
+}
+
+#[test]
+fn when_the_grace_runs_out_cut_deliveries_release_their_claims_and_are_logged_as_such() {
+    let redis = Redis::start();
+    let backend = Backend::start();
+    backend.script([Reply {
+        delay: Duration::from_secs(8),
+        ..Reply::default()
+    }]);
+    let store = format!(
+        "[replay]\nstore = \"redis\"\nredis_url = \"{}\"\n[server]\ndrain_delay = \"0s\"\nshutdown_grace = \"1s\"",
+        redis.url()
+    );
+    let mut lfguard = Lfguard::start(&backend, &store);
+    let callback = Callback::signed(sms_body());
+    let addr = lfguard.addr;
+    let sender = {
+        let callback = callback.clone();
+        std::thread::spawn(move || {
+            let mut stream = TcpStream::connect(addr).unwrap();
+            stream.write_all(&callback.to_bytes()).unwrap();
+            read_response(&mut BufReader::new(stream))
+        })
+    };
+    backend.wait_for(1);
+    lfguard.signal("TERM");
+    assert_eq!(lfguard.wait_exit(), Some(0));
+    let cut = lfguard
+        .events()
+        .into_iter()
+        .find(|e| e["message"] == "request")
+        .expect("the cut request is logged");
+    assert_eq!(cut["code"], "shutting_down", "{cut}");
+    assert_eq!(cut["status"], 503);
+    assert!(
+        lfguard
+            .events()
+            .iter()
+            .any(|e| e["message"] == "cut deliveries released their replay claims"),
+        "{:?}",
+        lfguard.logs()
+    );
+    // The sender got 503 shutting_down, or lfguard was gone before it could answer.
+    let answer = sender.join().unwrap();
+    assert!(
+        answer
+            .as_ref()
+            .is_none_or(|answer| answer.code() == "shutting_down"),
+        "{answer:?}"
+    );
+
+    // The retry, to a restarted (or another) lfguard, is forwarded at once: the claim is gone.
+    let restarted = Lfguard::start(&backend, &store);
+    let retry = restarted.post(&callback.with_new_delivery_id());
+    assert_eq!(
+        (retry.status, retry.header("x-lfguard-duplicate")),
+        (200, None),
+        "{}",
+        retry.text()
+    );
+    assert_eq!(backend.count(), 2);
+}
