@@ -7,7 +7,7 @@ Writes one request a line, tab-separated: KIND <TAB> X-LF-MD5 <TAB> BODY, where 
      wrong secret (the three rotate),
   r  a replay: an exact copy (body and signature) of an earlier valid line; the load script sends
      it under a new x-lf-delivery id, as an attacker who captured it would.
-Bodies are compact JSON objects with string values only, so the canonical string of SPEC §2 is
+Bodies are compact JSON objects with string values only, so the canonical string of the signature scheme is
 simply the sorted top-level `key=value` pairs joined by `&`; `&secret` is appended and the
 x-lf-md5 value is base64 of the lowercase hex md5 digest (Linksfield's worked example) or, with
 --encoding raw, of the 16 raw digest bytes. Bodies never contain a tab or a newline.

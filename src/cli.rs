@@ -1,4 +1,4 @@
-//! The command line (SPEC §7): `serve` (default), `check-config`, `sign`, `verify`, `send`.
+//! The command line: `serve` (default), `check-config`, `sign`, `verify`, `send`.
 
 use std::io::Read;
 use std::path::PathBuf;

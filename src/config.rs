@@ -1,4 +1,4 @@
-//! Configuration (SPEC §6): built-in defaults < TOML file < `LFGUARD_SECTION__KEY` environment
+//! Configuration: built-in defaults < TOML file < `LFGUARD_SECTION__KEY` environment
 //! variables, merged by figment, then one validation pass that reports every problem with its key.
 
 use std::collections::BTreeMap;
@@ -134,7 +134,7 @@ impl Default for UpstreamConfig {
     }
 }
 
-/// `enforce` refuses what fails verification; `report` forwards it marked (SPEC §10).
+/// `enforce` refuses what fails verification; `report` forwards it marked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VerifyMode {

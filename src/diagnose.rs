@@ -1,4 +1,4 @@
-//! Signature mismatch diagnostics (SPEC §10). Linksfield's documents leave the null and nested
+//! Signature mismatch diagnostics. Linksfield's documents leave the null and nested
 //! forms and the digest encoding open; when a signature fails, the documented variants are tried
 //! and the one that matches is named by the configuration keys that would accept it. Only that
 //! name leaves this module: never the secret, the string to sign or a body value. Pure.

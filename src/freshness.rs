@@ -1,4 +1,4 @@
-//! Freshness of a callback's signed timestamp (SPEC §3). Pure: the caller passes the time the
+//! Freshness of a callback's signed timestamp. Pure: the caller passes the time the
 //! request arrived, so a slow request is judged by when Linksfield sent it, not by our delays.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

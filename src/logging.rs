@@ -133,7 +133,7 @@ thread_local! {
 /// The line logged for every request (target `lfguard::request`, level INFO, message `request`).
 #[derive(Debug, Clone, Copy)]
 pub struct RequestLine<'a> {
-    /// An outcome code of SPEC §5: a fixed identifier, written without escaping.
+    /// An outcome code from the error table: a fixed identifier, written without escaping.
     pub code: &'static str,
     pub status: u16,
     pub method: &'a str,

@@ -1,4 +1,4 @@
-//! The Linksfield signature (SPEC §2): parse a callback body into its top-level members, build the
+//! The Linksfield signature: parse a callback body into its top-level members, build the
 //! canonical string, sign it and verify an `x-lf-md5` value. Pure: no I/O, no clock.
 //!
 //! The JSON reader is our own rather than serde_json's because the signature depends on details a
@@ -49,7 +49,7 @@ pub enum Encoding {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NestedValues {
-    /// As written in the body, whitespace outside strings removed (SPEC §2).
+    /// As written in the body, whitespace outside strings removed.
     #[default]
     AsWritten,
     /// Re-serialised by a JSON library: keys sorted, numbers and escapes normalised.
@@ -182,7 +182,7 @@ impl<'a> Body<'a> {
         self.canonical_with(nulls, NestedValues::AsWritten)
     }
 
-    /// The string to sign under any of the documented variants (SPEC §10).
+    /// The string to sign under any of the documented variants.
     pub fn canonical_with(&self, nulls: NullValues, nested: NestedValues) -> String {
         let mut out = String::with_capacity(256);
         for member in &self.members {
@@ -671,7 +671,7 @@ mod tests {
         Body::from_json(body.as_bytes()).map(|b| b.canonical(nulls))
     }
 
-    /// The vectors computed by an independent implementation of SPEC §2.
+    /// The vectors computed by an independent implementation of the signature scheme.
     #[test]
     fn shared_vectors() {
         let raw = include_str!("../tests/data/signatures.json");

@@ -1,4 +1,4 @@
-//! The command line (SPEC §7): check-config, sign, verify and send, run as the real binary.
+//! The command line: check-config, sign, verify and send, run as the real binary.
 
 mod support;
 

@@ -386,7 +386,7 @@ fn a_backend_reset_before_its_status_line_is_complete_gets_502_and_releases_the_
 }
 
 /// The backend sent a 2xx status and then reset in the middle of its body. The caller never gets a
-/// complete answer; the backend did accept the callback (SPEC §3: a backend 2xx marks it
+/// complete answer; the backend did accept the callback (a backend 2xx marks it
 /// delivered), so Linksfield's retry is acknowledged as a duplicate rather than delivered twice.
 #[test]
 fn a_backend_reset_in_the_middle_of_a_2xx_body_is_cut_off_for_the_caller() {

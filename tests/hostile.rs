@@ -1,5 +1,5 @@
 //! A hostile input corpus (issue "Hardening"): malformed, ambiguous and oversized bodies, framing
-//! tricks and header games against the real binary. Every refused case must get its SPEC §5 status
+//! tricks and header games against the real binary. Every refused case must get its documented status
 //! and code and reach the backend never; afterwards lfguard must still be alive and still forward a
 //! valid callback. Valid-but-unusual JSON is a separate table that must arrive byte for byte.
 
@@ -36,7 +36,7 @@ const CASE_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a refused case must get.
 #[derive(Debug, Clone, Copy)]
 enum Expect {
-    /// A lfguard refusal: this status and SPEC §5 code in the JSON body.
+    /// A lfguard refusal: this status and documented error code in the JSON body.
     Code(u16, &'static str),
     /// One of these lfguard refusals, where the order of two checks is not specified.
     OneOf(&'static [(u16, &'static str)]),
@@ -870,7 +870,7 @@ fn refused_cases() -> Vec<Case> {
                 bytes.extend_from_slice(&smuggled);
                 with_sentinel(bytes)
             },
-            // Which check comes first is the pipeline's choice; either refusal is a SPEC §5 one.
+            // Which check comes first is the pipeline's choice; either refusal is a documented one.
             Expect::OneOf(&[(401, "missing_signature"), (400, "malformed_body")]),
         ),
         case(
@@ -1776,7 +1776,7 @@ fn a_forged_callback_pipelined_behind_a_valid_one_is_not_forwarded() {
     assert_eq!(received[1].body.as_ref(), fresh.body.as_slice());
 }
 
-/// A `[[routes]]` prefix passed through unverified (SPEC §4: "e.g. a backend's own health page")
+/// A `[[routes]]` prefix passed through unverified (e.g. a backend's own health page)
 /// must not cover paths that leave it through dot segments: a backend that normalises
 /// `/health/../callback` serves `/callback`, so lfguard would forward an unsigned callback to it.
 #[test]

@@ -1,4 +1,4 @@
-//! The Kubernetes manifests (SPEC §9) agree with the binary: the lfguard.toml that k8s/base ships
+//! The Kubernetes manifests agree with the binary: the lfguard.toml that k8s/base ships
 //! in its ConfigMap passes the real `lfguard check-config`, also with the redis overlay's
 //! environment, and the pod's termination grace period outlasts lfguard's shutdown grace.
 //! `scripts/validate-k8s` checks the rendered manifests against the Kubernetes schemas.

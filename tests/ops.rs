@@ -1,4 +1,4 @@
-//! Operations (SPEC §6 reload, §8): admin endpoints, metrics, secret reload, limits and graceful
+//! Operations: admin endpoints, metrics, secret reload, limits and graceful
 //! shutdown, against the real binary.
 
 mod support;

@@ -1,4 +1,4 @@
-//! Black-box tests of verification and forwarding (SPEC §2, §4, §5) against the real binary.
+//! Black-box tests of verification and forwarding against the real binary.
 
 mod support;
 

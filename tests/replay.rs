@@ -1,4 +1,4 @@
-//! Replay protection (SPEC §3), every case run against both stores: the embedded memory store and
+//! Replay protection, every case run against both stores: the embedded memory store and
 //! a real `redis-server`.
 
 mod support;

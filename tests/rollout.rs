@@ -1,4 +1,4 @@
-//! Report-only mode and mismatch diagnostics (SPEC §10), against the real binary.
+//! Report-only mode and mismatch diagnostics, against the real binary.
 
 mod support;
 

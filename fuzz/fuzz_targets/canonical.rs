@@ -1,4 +1,4 @@
-//! Arbitrary bytes into the body readers and the canonicaliser (SPEC §2).
+//! Arbitrary bytes into the body readers and the canonicaliser.
 //!
 //! - `Body::from_json` and `Body::from_form` never panic;
 //! - an accepted body has unique members in byte order, and parsing the same bytes again gives

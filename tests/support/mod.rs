@@ -576,7 +576,7 @@ impl Response {
             .unwrap_or_else(|_| panic!("body is not JSON: {}", String::from_utf8_lossy(&self.body)))
     }
 
-    /// The SPEC §5 error code.
+    /// The error code.
     pub fn code(&self) -> String {
         self.json()["error"]["code"]
             .as_str()
