@@ -459,20 +459,26 @@ fn a_sender_that_hangs_up_does_not_get_its_callback_delivered_twice() {
     }
     // A copy waits while the first is in flight (409 in_flight), and is a duplicate once the
     // backend's 2xx settled it.
-    let deadline = Instant::now() + WAIT;
-    let response = loop {
-        let response = lfguard.post(&callback.with_new_delivery_id());
-        if response.status == 409 && response.code() == "in_flight" && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        }
-        break response;
-    };
+    let response = post_once_settled(&lfguard, &callback);
     assert!(duplicate(&response), "{response:?}");
     let received = backend.requests();
     assert_eq!(received.len(), 1, "delivered more than once");
     assert_eq!(received[0].body.as_ref(), callback.body.as_slice());
     assert_eq!(received[0].header("x-lfguard-verified"), Some("true"));
+}
+
+/// A copy of `callback`, sent again while lfguard answers 409 `in_flight`: the answer it gets once
+/// the delivery that a hung-up sender left behind has settled (lfguard logs nothing when it does).
+fn post_once_settled(lfguard: &Lfguard, callback: &Callback) -> Response {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let response = lfguard.post(&callback.with_new_delivery_id());
+        if response.status == 409 && response.code() == "in_flight" && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        return response;
+    }
 }
 
 /// The other half: a sender that hangs up on a delivery the backend refuses still frees the
@@ -493,15 +499,7 @@ fn a_sender_that_hangs_up_on_a_refused_delivery_gets_the_retry_through() {
         Duration::from_millis(300),
     );
     backend.wait_for(1);
-    let deadline = Instant::now() + WAIT;
-    let response = loop {
-        let response = lfguard.post(&callback.with_new_delivery_id());
-        if response.status == 409 && response.code() == "in_flight" && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        }
-        break response;
-    };
+    let response = post_once_settled(&lfguard, &callback);
     assert!(forwarded(&response), "{response:?}");
     assert_eq!(backend.count(), 2);
     assert!(duplicate(&lfguard.post(&callback.with_new_delivery_id())));
