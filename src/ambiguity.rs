@@ -50,9 +50,21 @@ impl std::fmt::Display for Ambiguity {
     }
 }
 
+/// The bytes a member key may have, as a table: the check runs on every key of every callback.
+const KEY_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let b = byte as u8;
+        table[byte] = b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.';
+        byte += 1;
+    }
+    table
+};
+
 /// Whether `byte` may appear in a member key.
 pub fn is_key_byte(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'-' | b'.')
+    KEY_BYTES[usize::from(byte)]
 }
 
 fn is_key(text: &str) -> bool {
@@ -65,6 +77,9 @@ pub fn check(body: &Body<'_>, nested: NestedValues) -> Result<(), Ambiguity> {
     let members = body.members();
     if !members.iter().all(|member| is_key(&member.key)) {
         return Err(Ambiguity::Key);
+    }
+    if !body.may_contain_ampersand() {
+        return Ok(());
     }
     for member in members {
         let text: Cow<'_, str> = match &member.value {
@@ -92,11 +107,9 @@ pub fn check(body: &Body<'_>, nested: NestedValues) -> Result<(), Ambiguity> {
 /// order): a place where another reading of the string to sign starts a member.
 fn hides_member(value: &str, key: &str) -> bool {
     let bytes = value.as_bytes();
-    let mut from = 0;
-    while let Some(offset) = bytes[from..].iter().position(|&b| b == b'&') {
-        let start = from + offset + 1;
-        from = start;
-        let Some(len) = bytes[start..].iter().position(|&b| b == b'=') else {
+    for amp in memchr::memchr_iter(b'&', bytes) {
+        let start = amp + 1;
+        let Some(len) = memchr::memchr(b'=', &bytes[start..]) else {
             // No `=` after this `&`, so none after any later one either.
             return false;
         };

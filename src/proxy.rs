@@ -17,8 +17,6 @@ use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::ambiguity;
 use crate::body::{ProxyBody, full};
@@ -190,7 +188,7 @@ impl<'p> Record<'p> {
 
 impl Drop for Record<'_> {
     fn drop(&mut self) {
-        if !self.emitted && self.proxy.cut.is_cancelled() {
+        if !self.emitted && self.proxy.cut.load(Ordering::SeqCst) {
             // lfguard itself dropped the request: `server.shutdown_grace` ran out.
             self.emit(
                 Rejection::ShuttingDown.code(),
@@ -248,11 +246,9 @@ pub struct Proxy {
     /// Set when shutdown begins: answers carry `Connection: close`, so clients reconnect (to
     /// another replica, once the endpoint is gone) instead of reusing this connection.
     draining: Arc<AtomicBool>,
-    /// Cancelled when `server.shutdown_grace` ran out: deliveries still waiting for the backend
-    /// stop and release their replay claims.
-    cut: CancellationToken,
-    /// The deliveries in progress, so that shutdown can wait for their claims to be released.
-    deliveries: TaskTracker,
+    /// Set when `server.shutdown_grace` ran out: requests dropped from then on were cut by
+    /// lfguard, not by their client.
+    cut: AtomicBool,
 }
 
 impl Proxy {
@@ -274,33 +270,14 @@ impl Proxy {
             upstream: Arc::new(upstream),
             budget,
             draining,
-            cut: CancellationToken::new(),
-            deliveries: TaskTracker::new(),
+            cut: AtomicBool::new(false),
         }
     }
 
-    /// `server.shutdown_grace` ran out: deliveries still waiting for the backend stop, release
-    /// their replay claims (so that Linksfield's retry, to whichever replica, is forwarded
-    /// without waiting for the claim to lapse) and answer 503 `shutting_down`. Returns once
-    /// they have, or after `within`.
-    pub async fn cut_deliveries(&self, within: Duration) {
-        let cut = self.deliveries.len();
-        self.cut.cancel();
-        self.deliveries.close();
-        if tokio::time::timeout(within, self.deliveries.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                deliveries = cut,
-                "replay claims of cut deliveries could not all be released; they lapse on their own"
-            );
-        } else if cut > 0 {
-            tracing::info!(
-                deliveries = cut,
-                "cut deliveries released their replay claims"
-            );
-        }
+    /// `server.shutdown_grace` ran out: the requests still in progress are about to be dropped
+    /// with the process, and are logged as cut by lfguard (`shutting_down`).
+    pub fn mark_cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
     }
 
     pub fn upstream(&self) -> &Arc<Upstream> {
@@ -754,23 +731,8 @@ impl Proxy {
         let timeout = self.config.upstream.timeout;
         let window = self.config.replay.window;
         log.delivering = true;
-        let cut = self.cut.clone();
-        let (result, seconds) = Detached::new(self.deliveries.track_future(async move {
-            let started = Instant::now();
-            let exchanged = tokio::select! {
-                biased;
-                exchanged = exchange(&upstream, timeout, request) => Some(exchanged),
-                () = cut.cancelled() => None,
-            };
-            let Some((result, seconds)) = exchanged else {
-                if let Err(err) = guard.release().await {
-                    tracing::warn!(error = %err, "could not release the replay claim of a cut delivery");
-                }
-                return (
-                    Err(Rejection::ShuttingDown),
-                    started.elapsed().as_secs_f64(),
-                );
-            };
+        let (result, seconds) = Detached::new(async move {
+            let (result, seconds) = exchange(&upstream, timeout, request).await;
             let delivered = matches!(&result, Ok(response) if response.status().is_success());
             let settled = if delivered {
                 guard.settle(window).await
@@ -781,7 +743,7 @@ impl Proxy {
                 tracing::warn!(error = %err, delivered, "could not settle the replay claim");
             }
             (result, seconds)
-        }))
+        })
         .await;
         log.upstream_seconds = Some(seconds);
         result

@@ -23,8 +23,8 @@ use crate::proxy::{Peer, Proxy};
 use crate::replay::AnyStore;
 use crate::secrets::{self, SecretStore};
 
-/// How long deliveries cut at the end of `server.shutdown_grace` get to release their replay
-/// claims (a Redis store answers within its 2 s command timeout).
+/// How long the replay claims of requests cut at the end of `server.shutdown_grace` may take to
+/// be released (a Redis store answers within its 2 s command timeout).
 const CUT_RELEASE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A pause after a failed accept (usually out of file descriptors) so the loop does not spin.
@@ -117,8 +117,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Str
     );
     serve_proxy(
         proxy_listener,
-        proxy.clone(),
+        proxy,
         shared.proxy_connections.clone(),
+        shared.replay.clone(),
         &config,
         stop_rx,
     )
@@ -162,6 +163,7 @@ async fn serve_proxy(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     connections: Arc<Connections>,
+    replay: Arc<AnyStore>,
     config: &Config,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -219,7 +221,18 @@ async fn serve_proxy(
     tracing::info!(connections = connections.open(), grace = %humantime::format_duration(grace), "draining");
     if tokio::time::timeout(grace, drained.recv()).await.is_err() {
         tracing::warn!("shutdown grace ended with requests still in flight");
-        proxy.cut_deliveries(CUT_RELEASE_TIMEOUT).await;
+        // They are dropped with the process: logged as cut by lfguard, and their replay claims
+        // released so that Linksfield's retry is forwarded at once (here after a restart, or by
+        // another replica) instead of waiting for the claims to lapse.
+        proxy.mark_cut();
+        match tokio::time::timeout(CUT_RELEASE_TIMEOUT, replay.release_outstanding()).await {
+            Ok(released) => {
+                tracing::info!(released, "replay claims of cut requests released");
+            }
+            Err(_) => tracing::warn!(
+                "replay claims of cut requests could not all be released; they lapse on their own"
+            ),
+        }
     }
 }
 

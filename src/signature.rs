@@ -110,6 +110,9 @@ pub struct Member<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Body<'a> {
     members: Vec<Member<'a>>,
+    /// Whether a decoded value may contain `&`: false when the bytes as received have neither
+    /// `&` nor an escape, which lets the ambiguity check skip reading every value.
+    may_contain_ampersand: bool,
 }
 
 impl<'a> Body<'a> {
@@ -117,7 +120,9 @@ impl<'a> Body<'a> {
     pub fn from_json(bytes: &'a [u8]) -> Result<Self, BodyError> {
         let text = std::str::from_utf8(bytes).map_err(|_| malformed("body is not valid UTF-8"))?;
         let members = JsonReader::new(text).top_level_object()?;
-        Self::from_members(members)
+        let mut body = Self::from_members(members)?;
+        body.may_contain_ampersand = memchr::memchr2(b'&', b'\\', bytes).is_some();
+        Ok(body)
     }
 
     /// Parses an `application/x-www-form-urlencoded` body (`+` is a space, `%XX` decoded, UTF-8).
@@ -148,7 +153,10 @@ impl<'a> Body<'a> {
         if let Some(pair) = members.windows(2).find(|pair| pair[0].key == pair[1].key) {
             return Err(BodyError::DuplicateKey(pair[0].key.to_string()));
         }
-        Ok(Body { members })
+        Ok(Body {
+            members,
+            may_contain_ampersand: true,
+        })
     }
 
     /// The value of a top-level member.
@@ -175,6 +183,11 @@ impl<'a> Body<'a> {
     /// The members in signing order.
     pub fn members(&self) -> &[Member<'a>] {
         &self.members
+    }
+
+    /// False when no value can contain `&` (see the field).
+    pub fn may_contain_ampersand(&self) -> bool {
+        self.may_contain_ampersand
     }
 
     /// The string to sign without its final `&secret`.

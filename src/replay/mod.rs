@@ -149,6 +149,15 @@ impl AnyStore {
         }
     }
 
+    /// Releases the claims of requests that shutdown is cutting (Redis; the memory store's go
+    /// with the process). Returns how many were released.
+    pub async fn release_outstanding(&self) -> usize {
+        match self {
+            AnyStore::Memory(_) => 0,
+            AnyStore::Redis(store) => store.release_outstanding().await,
+        }
+    }
+
     /// Claims refused because the store was full of claims in flight (memory only).
     pub fn refused(&self) -> u64 {
         match self {

@@ -7,6 +7,8 @@
 //! when Redis resumes, and would then hold the key for nothing: it is released by its token in the
 //! background, once Redis answers again.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -42,6 +44,9 @@ pub struct RedisStore {
     prefix: String,
     settle_script: Script,
     release_script: Script,
+    /// Claims granted and not yet settled or released (key name → owner token), so that a
+    /// shutdown that cuts their requests can release them rather than leave them to lapse.
+    outstanding: Mutex<HashMap<String, Token>>,
 }
 
 /// Whether an error means the connection was lost before the command was answered, so that the
@@ -80,11 +85,41 @@ impl RedisStore {
             prefix: prefix.to_string(),
             settle_script: Script::new(REPLACE_IF_OWNER),
             release_script: Script::new(DELETE_IF_OWNER),
+            outstanding: Mutex::default(),
         })
     }
 
     fn name(&self, key: &Key) -> String {
         key.name(&self.prefix)
+    }
+
+    fn outstanding(&self) -> std::sync::MutexGuard<'_, HashMap<String, Token>> {
+        self.outstanding
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Releases every claim granted and not yet settled or released: the requests holding them
+    /// are being cut at shutdown. Returns how many were released.
+    pub async fn release_outstanding(&self) -> usize {
+        let claims: Vec<(String, Token)> = self.outstanding().drain().collect();
+        let mut released = 0;
+        let mut connection = self.connection.clone();
+        for (key, token) in claims {
+            let deleted: Result<i64, _> = self
+                .release_script
+                .key(&key)
+                .arg(format!("{IN_FLIGHT_PREFIX}{token}"))
+                .invoke_async(&mut connection)
+                .await;
+            match deleted {
+                Ok(deleted) => released += usize::try_from(deleted).unwrap_or(0),
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not release a replay claim at shutdown; it lapses on its own")
+                }
+            }
+        }
+        released
     }
 }
 
@@ -182,6 +217,10 @@ impl Store for RedisStore {
         let token = Token::new();
         let owned = format!("{IN_FLIGHT_PREFIX}{token}");
         let claimed = self.try_claim(&key, &owned, token, in_flight).await;
+        if let Ok(Claim::Claimed(token)) = &claimed {
+            self.outstanding().insert(key, *token);
+            return claimed;
+        }
         if claimed.is_err() {
             // The SET may still be executed (or may have been, its answer lost): the callback is
             // refused, so nothing must hold its key.
@@ -191,8 +230,9 @@ impl Store for RedisStore {
     }
 
     async fn settle(&self, key: &Key, token: &Token, window: Duration) -> Result<(), StoreError> {
+        let name = self.name(key);
         let mut connection = self.connection.clone();
-        let mut invocation = self.settle_script.key(self.name(key));
+        let mut invocation = self.settle_script.key(&name);
         invocation
             .arg(format!("{IN_FLIGHT_PREFIX}{token}"))
             .arg(DELIVERED)
@@ -201,18 +241,23 @@ impl Store for RedisStore {
             Err(err) if connection_lost(&err) => invocation.invoke_async(&mut connection).await,
             result => result,
         };
-        settled.map(drop).map_err(unavailable)
+        settled.map_err(unavailable)?;
+        self.outstanding().remove(&name);
+        Ok(())
     }
 
     async fn release(&self, key: &Key, token: &Token) -> Result<(), StoreError> {
+        let name = self.name(key);
         let mut connection = self.connection.clone();
-        let mut invocation = self.release_script.key(self.name(key));
+        let mut invocation = self.release_script.key(&name);
         invocation.arg(format!("{IN_FLIGHT_PREFIX}{token}"));
         let released: Result<i64, _> = match invocation.invoke_async(&mut connection).await {
             Err(err) if connection_lost(&err) => invocation.invoke_async(&mut connection).await,
             result => result,
         };
-        released.map(drop).map_err(unavailable)
+        released.map_err(unavailable)?;
+        self.outstanding().remove(&name);
+        Ok(())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
