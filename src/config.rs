@@ -10,8 +10,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-use crate::schema::Schema;
-use crate::signature::{Encoding, NestedValues, NullValues};
+use crate::verify::schema::Schema;
+use crate::verify::signature::{Encoding, NestedValues, NullValues};
 
 /// Environment variable naming the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "LFGUARD_CONFIG";

@@ -27,7 +27,7 @@ use tracing_subscriber::layer::{Context, Layer, SubscriberExt as _};
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::{LogConfig, LogFormat};
-use crate::json_text;
+use crate::verify::json_text;
 
 /// Buffered lines are written once this much has gathered, whatever the runtime is doing.
 const FLUSH_AT: usize = 16 * 1024;

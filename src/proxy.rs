@@ -20,20 +20,20 @@ use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::ambiguity;
 use crate::body::{ProxyBody, full};
 use crate::config::{Config, OnDuplicate, RouteConfig, VerifyMode};
-use crate::diagnose;
 use crate::error::Rejection;
 use crate::framing::HeadWatch;
-use crate::freshness::{self, Staleness};
 use crate::limits::{BodyBudget, Reservation};
 use crate::logging::RequestLine;
 use crate::metrics::Metrics;
 use crate::replay::{self, AnyStore, Claim, ClaimGuard, Store};
 use crate::secrets::{SecretStore, is_partner_code};
-use crate::signature::{self, Body, Value};
 use crate::upstream::{Deadline, Upstream};
+use crate::verify::ambiguity;
+use crate::verify::diagnose;
+use crate::verify::freshness::{self, Staleness};
+use crate::verify::signature::{self, Body, Value};
 
 // Header names as `HeaderName`s: looking one up by `&str` parses and validates it every time.
 const SIGNATURE_HEADER: HeaderName = HeaderName::from_static("x-lf-md5");

@@ -40,7 +40,7 @@ impl Key {
         format!(
             "{prefix}{}:{}",
             self.partner,
-            crate::signature::hex_string(&self.digest)
+            crate::verify::signature::hex_string(&self.digest)
         )
     }
 }

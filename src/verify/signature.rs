@@ -13,7 +13,7 @@ use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-use crate::json_text;
+use crate::verify::json_text;
 
 /// Deeper nesting than this is refused; no Linksfield callback comes close, and the bound keeps
 /// the recursive reader's stack use small for hostile input.
@@ -674,7 +674,7 @@ mod tests {
     /// The vectors computed by an independent implementation of the signature scheme.
     #[test]
     fn shared_vectors() {
-        let raw = include_str!("../tests/data/signatures.json");
+        let raw = include_str!("../../tests/data/signatures.json");
         let vectors: Vec<serde_json::Value> = serde_json::from_str(raw).unwrap();
         assert!(vectors.len() >= 12);
         for v in &vectors {
