@@ -3,6 +3,7 @@
 //! time), no tokio: everything here is a function of its arguments.
 
 pub mod ambiguity;
+pub mod config;
 pub mod diagnose;
 pub mod freshness;
 pub mod json_text;

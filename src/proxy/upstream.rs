@@ -23,13 +23,58 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::config::UpstreamConfig;
+use serde::{Deserialize, Serialize};
 
 /// Where requests are forwarded: `http://authority` plus an optional path prefix.
 #[derive(Debug, Clone)]
 pub struct UpstreamTarget {
     authority: Authority,
     base_path: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `http://host:port` with an optional path prefix; the request path is appended to it.
+    pub url: String,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: "http://127.0.0.1:8081".into(),
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            pool_max_idle_per_host: 256,
+            pool_idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// What serde cannot check, each problem naming its key.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (key, value) in [
+            ("upstream.timeout", self.timeout),
+            ("upstream.connect_timeout", self.connect_timeout),
+        ] {
+            if value.is_zero() {
+                problems.push(format!("{key}: must be greater than 0"));
+            }
+        }
+        if let Err(problem) = UpstreamTarget::parse(&self.url) {
+            problems.push(format!("upstream.url: {problem}"));
+        }
+        problems
+    }
 }
 
 impl UpstreamTarget {
@@ -461,7 +506,7 @@ impl Deadline {
         }
     }
 
-    fn expired(&self) -> Poll<Option<Result<Frame<Bytes>, crate::body::BodyError>>> {
+    fn expired(&self) -> Poll<Option<Result<Frame<Bytes>, crate::proxy::body::BodyError>>> {
         tracing::warn!(
             timeout = %humantime::format_duration(self.timeout),
             "the backend's response body did not finish within upstream.timeout; the client's \
@@ -473,7 +518,7 @@ impl Deadline {
 
 impl Body for Deadline {
     type Data = Bytes;
-    type Error = crate::body::BodyError;
+    type Error = crate::proxy::body::BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
