@@ -124,14 +124,15 @@ fn code(text: &str) -> String {
         .join("\n")
 }
 
-/// The paths after each `crate::`, up to the first segment that is not a lowercase module-like
-/// name: `crate::proxy::limits::{BodyBudget, …}` gives `["proxy", "limits"]`.
-fn crate_paths(code: &str) -> Vec<Vec<String>> {
+/// The paths after each `prefix` (`crate::`, `super::`, `self::`), up to the first segment that
+/// is not a lowercase module-like name: `crate::proxy::limits::{BodyBudget, …}` gives
+/// `["proxy", "limits"]`.
+fn paths_after(code: &str, prefix: &str) -> Vec<Vec<String>> {
     let mut paths = Vec::new();
     let mut rest = code;
-    while let Some(at) = rest.find("crate::") {
+    while let Some(at) = rest.find(prefix) {
         let before = rest[..at].chars().next_back();
-        rest = &rest[at + "crate::".len()..];
+        rest = &rest[at + prefix.len()..];
         if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
             continue; // `lfguard_crate::` or the like
         }
@@ -155,6 +156,30 @@ fn crate_paths(code: &str) -> Vec<Vec<String>> {
     paths
 }
 
+fn crate_paths(code: &str) -> Vec<Vec<String>> {
+    paths_after(code, "crate::")
+}
+
+/// `self::` and `super::` paths outside the file's test module, as paths from the crate root.
+/// (In a `mod tests` block, `super` is the file's own module.)
+fn relative_paths(module: &str, code: &str) -> Vec<Vec<String>> {
+    let code = code.split("#[cfg(test)]").next().unwrap_or_default();
+    let own: Vec<String> = module.split("::").map(str::to_string).collect();
+    // A folder's `mod.rs` is the folder module itself, so its `super` is the folder's parent.
+    let parent = own[..own.len() - 1].to_vec();
+    let mut paths = Vec::new();
+    for (prefix, base) in [("self::", &own), ("super::", &parent)] {
+        for segments in paths_after(code, prefix) {
+            let mut path = base.clone();
+            path.extend(segments);
+            if !path.is_empty() {
+                paths.push(path);
+            }
+        }
+    }
+    paths
+}
+
 /// The longest known module that `segments` starts with.
 fn resolve(segments: &[String], known: &BTreeSet<&str>) -> Option<String> {
     (1..=segments.len())
@@ -163,20 +188,29 @@ fn resolve(segments: &[String], known: &BTreeSet<&str>) -> Option<String> {
         .find(|candidate| known.contains(candidate.as_str()))
 }
 
-/// Every edge `from → to` between two different modules.
+/// Every edge `from → to` between two different modules: `crate::` paths anywhere, `self::` and
+/// `super::` paths outside test modules.
 fn edges() -> BTreeMap<String, BTreeSet<String>> {
     let modules = modules();
     let known: BTreeSet<&str> = modules.keys().map(String::as_str).collect();
     let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut unresolved = Vec::new();
     for (module, text) in &modules {
-        for segments in crate_paths(&code(text)) {
+        let code = code(text);
+        for segments in crate_paths(&code) {
             match resolve(&segments, &known) {
                 Some(target) if &target != module => {
                     edges.entry(module.clone()).or_default().insert(target);
                 }
                 Some(_) => {}
                 None => unresolved.push(format!("{module}: crate::{}", segments.join("::"))),
+            }
+        }
+        for segments in relative_paths(module, &code) {
+            if let Some(target) = resolve(&segments, &known)
+                && &target != module
+            {
+                edges.entry(module.clone()).or_default().insert(target);
             }
         }
     }
@@ -263,7 +297,13 @@ fn no_modules_import_each_other_in_a_circle() {
             return;
         }
         stack.push(module.to_string());
+        // A file that extends its folder module's types (`impl Proxy` in proxy/checks.rs names
+        // `super::Proxy`) is part of that module: an edge to an ancestor closes no circle.
+        let into_ancestor = |next: &String| module.starts_with(&format!("{next}::"));
         for next in edges.get(module).into_iter().flatten() {
+            if into_ancestor(next) {
+                continue;
+            }
             visit(next, edges, stack, done, circles);
         }
         stack.pop();
@@ -326,4 +366,13 @@ fn paths_resolve_to_the_longest_module() {
         assert_eq!(resolve(&paths[0], &known).as_deref(), expected, "{line}");
     }
     assert!(crate_paths(&code("// crate::x")).is_empty());
+    let relative = relative_paths(
+        "proxy::checks",
+        "use super::Proxy;\nuse self::inner::f;\n#[cfg(test)]\nmod tests { use super::*; }",
+    );
+    let expected: Vec<Vec<String>> = [&["proxy", "checks", "inner", "f"][..], &["proxy"][..]]
+        .iter()
+        .map(|path| path.iter().map(|s| s.to_string()).collect())
+        .collect();
+    assert_eq!(relative, expected);
 }
