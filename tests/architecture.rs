@@ -36,6 +36,7 @@ const LAYERS: &[(&str, Layer)] = &[
     ("verify::json_text", Verify),
     ("verify::schema", Verify),
     ("verify::signature", Verify),
+    ("verify::signature::reader", Verify),
     ("state", State),
     ("state::replay", State),
     ("state::replay::memory", State),
