@@ -58,6 +58,7 @@ const LAYERS: &[(&str, Layer)] = &[
     ("proxy::record", Proxy),
     ("proxy::routes", Proxy),
     ("proxy::upstream", Proxy),
+    ("proxy::upstream::body", Proxy),
     ("server", Server),
     ("server::admin", Server),
     ("server::config", Server),
