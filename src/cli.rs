@@ -13,8 +13,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::diagnose;
-use crate::signature::{self, Body, Encoding, NestedValues, NullValues};
+use crate::verify::diagnose;
+use crate::verify::signature::{self, Body, Encoding, NestedValues, NullValues};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -264,7 +264,7 @@ pub fn verify(args: &VerifyArgs) -> Result<bool, String> {
         );
     }
     // lfguard refuses such a body whatever its signature, so `verify` does too.
-    if let Err(why) = crate::ambiguity::check(&body, settings.nested) {
+    if let Err(why) = crate::verify::ambiguity::check(&body, settings.nested) {
         println!("invalid: ambiguous body: {why}");
         return Ok(false);
     }

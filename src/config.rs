@@ -1,8 +1,10 @@
 //! Configuration: built-in defaults < TOML file < `LFGUARD_SECTION__KEY` environment
 //! variables, merged by figment, then one validation pass that reports every problem with its key.
+//!
+//! Each section's type lives with the module that uses it and checks itself (`problems()`); this
+//! module only composes them, maps the environment and checks what spans sections.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,8 +12,15 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-use crate::schema::Schema;
-use crate::signature::{Encoding, NestedValues, NullValues};
+pub use crate::proxy::routes::RouteConfig;
+pub use crate::proxy::upstream::UpstreamConfig;
+pub use crate::server::config::ServerConfig;
+pub use crate::state::replay::{OnDuplicate, ReplayConfig, StoreKind};
+use crate::state::secrets;
+pub use crate::state::secrets::PartnerConfig;
+pub use crate::telemetry::logging::{LogConfig, LogFormat};
+pub use crate::verify::config::{VerifyConfig, VerifyMode};
+use crate::verify::schema::Schema;
 
 /// Environment variable naming the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "LFGUARD_CONFIG";
@@ -50,248 +59,6 @@ impl Default for Config {
             partners: BTreeMap::new(),
         }
     }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ServerConfig {
-    pub listen: SocketAddr,
-    pub admin_listen: SocketAddr,
-    pub max_body_bytes: u64,
-    /// Limit for receiving a request's headers; also how long an idle keep-alive connection
-    /// is kept, since hyper starts this timer whenever it waits for the next request.
-    #[serde(with = "humantime_serde")]
-    pub header_read_timeout: Duration,
-    #[serde(with = "humantime_serde")]
-    pub body_read_timeout: Duration,
-    /// Connections served at once on the proxy port. At the cap, the connection idle the longest
-    /// (between requests, or still sending its headers) is closed for a new one; connections
-    /// with a request in progress are never closed for that.
-    pub max_connections: usize,
-    /// The same for the admin port, counted separately so that neither starves the other.
-    pub admin_max_connections: usize,
-    /// Bytes of request bodies buffered at once, over all connections; past it, 503 overloaded.
-    pub max_buffered_bytes: u64,
-    pub max_headers: usize,
-    pub max_header_bytes: usize,
-    /// After SIGTERM, how long lfguard keeps accepting and serving (with `Connection: close`)
-    /// while readiness already fails, so that load balancers and kube-proxy stop routing to it
-    /// before it stops accepting.
-    #[serde(with = "humantime_serde")]
-    pub drain_delay: Duration,
-    /// Then, how long requests in progress get to finish.
-    #[serde(with = "humantime_serde")]
-    pub shutdown_grace: Duration,
-    /// Tokio worker threads; 0 means one per core.
-    pub worker_threads: usize,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            listen: "0.0.0.0:8080".parse().expect("literal address"),
-            admin_listen: "0.0.0.0:9090".parse().expect("literal address"),
-            max_body_bytes: 256 * 1024,
-            header_read_timeout: Duration::from_secs(10),
-            body_read_timeout: Duration::from_secs(15),
-            // With the body budget and the baseline these fit the 64 MiB memory limit of the
-            // shipped pod (k8s/base) with room; tests/limits.rs checks the arithmetic.
-            max_connections: 384,
-            admin_max_connections: 64,
-            max_buffered_bytes: 8 * 1024 * 1024,
-            max_headers: 64,
-            max_header_bytes: 16 * 1024,
-            drain_delay: Duration::from_secs(5),
-            shutdown_grace: Duration::from_secs(20),
-            worker_threads: 0,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct UpstreamConfig {
-    /// `http://host:port` with an optional path prefix; the request path is appended to it.
-    pub url: String,
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    pub pool_max_idle_per_host: usize,
-    #[serde(with = "humantime_serde")]
-    pub pool_idle_timeout: Duration,
-}
-
-impl Default for UpstreamConfig {
-    fn default() -> Self {
-        UpstreamConfig {
-            url: "http://127.0.0.1:8081".into(),
-            timeout: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(5),
-            pool_max_idle_per_host: 256,
-            pool_idle_timeout: Duration::from_secs(90),
-        }
-    }
-}
-
-/// `enforce` refuses what fails verification; `report` forwards it marked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VerifyMode {
-    #[default]
-    Enforce,
-    Report,
-}
-
-impl VerifyMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VerifyMode::Enforce => "enforce",
-            VerifyMode::Report => "report",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct VerifyConfig {
-    /// Reloaded on SIGHUP and when the config file changes.
-    pub mode: VerifyMode,
-    pub signature_encoding: Encoding,
-    pub null_values: NullValues,
-    pub nested_values: NestedValues,
-    pub require_delivery_id: bool,
-    pub timestamp_fields: Vec<String>,
-    /// Refuse (400 `missing_timestamp`) a body with none of `timestamp_fields`: without one, a
-    /// capture replays once `replay.window` has passed. Overridable per partner and route.
-    pub require_timestamp: bool,
-    /// Accept `application/x-www-form-urlencoded` bodies. Linksfield sends JSON, and a form
-    /// re-encoding of a JSON callback verifies under its signature. Overridable per route.
-    pub accept_form: bool,
-    #[serde(with = "humantime_serde")]
-    pub max_age: Duration,
-    #[serde(with = "humantime_serde")]
-    pub max_skew: Duration,
-}
-
-impl Default for VerifyConfig {
-    fn default() -> Self {
-        VerifyConfig {
-            mode: VerifyMode::Enforce,
-            signature_encoding: Encoding::Auto,
-            null_values: NullValues::Empty,
-            nested_values: NestedValues::AsWritten,
-            require_delivery_id: true,
-            timestamp_fields: vec!["received_at".into()],
-            require_timestamp: true,
-            accept_form: false,
-            max_age: Duration::from_secs(24 * 3600),
-            max_skew: Duration::from_secs(5 * 60),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StoreKind {
-    #[default]
-    Memory,
-    Redis,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnDuplicate {
-    #[default]
-    Acknowledge,
-    Reject,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ReplayConfig {
-    pub store: StoreKind,
-    /// How long a delivered callback is remembered; at least `max_age + max_skew`.
-    #[serde(with = "humantime_serde")]
-    pub window: Duration,
-    /// Memory store: the most keys held (about 120 bytes each); the least recently used go first.
-    pub capacity: u64,
-    pub on_duplicate: OnDuplicate,
-    pub redis_url: Option<String>,
-    pub key_prefix: String,
-}
-
-impl Default for ReplayConfig {
-    fn default() -> Self {
-        ReplayConfig {
-            store: StoreKind::Memory,
-            window: Duration::from_secs(25 * 3600),
-            capacity: 50_000,
-            on_duplicate: OnDuplicate::Acknowledge,
-            redis_url: None,
-            key_prefix: "lfguard:".into(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Json,
-    Text,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LogConfig {
-    pub format: LogFormat,
-    /// A `tracing` filter (`info`, `lfguard=debug`); `RUST_LOG` wins when set.
-    pub level: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Json,
-            level: "info".into(),
-        }
-    }
-}
-
-/// A path prefix with its own rules: passed through without verification (`verify = false`, e.g.
-/// a backend's health page), or verified with a member schema and its own overrides. The longest
-/// matching prefix decides.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteConfig {
-    pub path_prefix: String,
-    #[serde(default = "verify_by_default")]
-    pub verify: bool,
-    /// The name of a `[schemas.NAME]` that bodies on this route must match.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub schema: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub require_timestamp: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub accept_form: Option<bool>,
-}
-
-fn verify_by_default() -> bool {
-    true
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct PartnerConfig {
-    /// Overrides `verify.mode` for this partner, e.g. to trial one new partner in report mode.
-    pub mode: Option<VerifyMode>,
-    /// Overrides `verify.require_timestamp` for this partner's callbacks (a route's setting wins).
-    pub require_timestamp: Option<bool>,
-    /// Inline secrets: for development only (a warning is logged at start).
-    pub secrets: Vec<String>,
-    pub secret_files: Vec<PathBuf>,
-    pub secret_env: Vec<String>,
 }
 
 /// Every problem found in a configuration, each naming its key.
@@ -378,45 +145,10 @@ impl Config {
     /// Checks what serde cannot: ranges, relations between keys, and that the secret sources are
     /// well formed. Every problem is reported, not just the first.
     pub fn validate(self) -> Result<Self, ConfigError> {
-        let mut problems = Vec::new();
-        let server = &self.server;
-        if server.max_body_bytes == 0 {
-            problems.push("server.max_body_bytes: must be greater than 0".into());
-        }
-        for (key, value) in [
-            ("server.header_read_timeout", server.header_read_timeout),
-            ("server.body_read_timeout", server.body_read_timeout),
-            ("upstream.timeout", self.upstream.timeout),
-            ("upstream.connect_timeout", self.upstream.connect_timeout),
-            ("reload_interval", self.reload_interval),
-        ] {
-            if value.is_zero() {
-                problems.push(format!("{key}: must be greater than 0"));
-            }
-        }
-        if server.max_connections == 0 {
-            problems.push("server.max_connections: must be greater than 0".into());
-        }
-        if server.admin_max_connections == 0 {
-            problems.push("server.admin_max_connections: must be greater than 0".into());
-        }
-        if server.max_buffered_bytes == 0 {
-            problems.push("server.max_buffered_bytes: must be greater than 0".into());
-        } else if server.max_buffered_bytes < server.max_body_bytes {
-            problems.push(format!(
-                "server.max_buffered_bytes: {} is less than server.max_body_bytes ({}); a body \
-                 of the largest allowed size could never be buffered",
-                server.max_buffered_bytes, server.max_body_bytes
-            ));
-        }
-        if server.max_headers == 0 {
-            problems.push("server.max_headers: must be greater than 0".into());
-        }
-        if server.max_header_bytes < 8192 {
-            problems.push("server.max_header_bytes: must be at least 8192".into());
-        }
-        if let Err(problem) = crate::upstream::UpstreamTarget::parse(&self.upstream.url) {
-            problems.push(format!("upstream.url: {problem}"));
+        let mut problems = self.server.problems();
+        problems.extend(self.upstream.problems());
+        if self.reload_interval.is_zero() {
+            problems.push("reload_interval: must be greater than 0".into());
         }
         let needed = self.verify.max_age + self.verify.max_skew;
         if self.replay.window < needed {
@@ -427,77 +159,16 @@ impl Config {
                 humantime::format_duration(needed)
             ));
         }
-        if self.replay.capacity == 0 {
-            problems.push("replay.capacity: must be greater than 0".into());
-        }
-        if self.replay.store == StoreKind::Redis && self.replay.redis_url.is_none() {
-            problems.push("replay.redis_url: required when replay.store = \"redis\"".into());
-        }
-        if let Some(url) = &self.replay.redis_url
-            && !(url.starts_with("redis://")
-                || url.starts_with("rediss://")
-                || url.starts_with("redis+unix://")
-                || url.starts_with("unix://"))
-        {
-            problems
-                .push("replay.redis_url: must start with redis://, rediss:// or unix://".into());
-        }
-        if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            problems.push(format!("log.level: {err}"));
-        }
-        for (i, route) in self.routes.iter().enumerate() {
-            if !route.path_prefix.starts_with('/') {
-                problems.push(format!("routes[{i}].path_prefix: must start with '/'"));
-            }
-            if !route.verify {
-                for (key, set) in [
-                    ("schema", route.schema.is_some()),
-                    ("require_timestamp", route.require_timestamp.is_some()),
-                    ("accept_form", route.accept_form.is_some()),
-                ] {
-                    if set {
-                        problems.push(format!(
-                            "routes[{i}].{key}: applies to verified routes only, and this route \
-                             has verify = false"
-                        ));
-                    }
-                }
-            }
-            if let Some(name) = &route.schema
-                && !self.schemas.contains_key(name)
-            {
-                problems.push(format!(
-                    "routes[{i}].schema: no [schemas.{name}] is configured"
-                ));
-            }
-            if self.routes[..i]
-                .iter()
-                .any(|other| other.path_prefix == route.path_prefix)
-            {
-                problems.push(format!(
-                    "routes[{i}].path_prefix: {} is configured twice",
-                    route.path_prefix
-                ));
-            }
-        }
+        problems.extend(self.replay.problems());
+        problems.extend(self.log.problems());
+        problems.extend(crate::proxy::routes::problems(&self.routes, &self.schemas));
         for (name, schema) in &self.schemas {
             problems.extend(schema.problems(&format!("schemas.{name}")));
         }
-        for code in self.partners.keys() {
-            if !crate::secrets::is_partner_code(code) {
-                problems.push(format!(
-                    "partners.{code}: a partner code is letters, digits, '-' and '_'"
-                ));
-            }
-        }
-        if self.partners.is_empty() && self.partners_dir.is_none() {
-            problems.push(
-                "partners: no partner is configured (add [partners.CODE] or partners_dir)".into(),
-            );
-        }
-        if let Err(mut secret_problems) = crate::secrets::SecretStore::load(&self) {
-            problems.append(&mut secret_problems);
-        }
+        problems.extend(secrets::problems(
+            &self.partners,
+            self.partners_dir.as_deref(),
+        ));
         if problems.is_empty() {
             Ok(self)
         } else {

@@ -43,9 +43,9 @@ fn load(cli: &Cli) -> Result<Config, ExitCode> {
 }
 
 fn serve(config: Config, path: Option<std::path::PathBuf>) -> ExitCode {
-    lfguard::logging::init(&config.log);
+    lfguard::telemetry::logging::init(&config.log);
     let result = runtime(config.server.worker_threads).block_on(lfguard::server::run(config, path));
-    lfguard::logging::flush();
+    lfguard::telemetry::logging::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -77,7 +77,9 @@ fn runtime(worker_threads: usize) -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
     };
     // Buffered log lines go out whenever a worker runs out of work (see `logging`).
-    builder.enable_all().on_thread_park(lfguard::logging::flush);
+    builder
+        .enable_all()
+        .on_thread_park(lfguard::telemetry::logging::flush);
     if worker_threads > 1 {
         builder.worker_threads(worker_threads);
     }

@@ -3,19 +3,19 @@
 //! environment, and the pod's termination grace period outlasts lfguard's shutdown grace.
 //! `scripts/validate-k8s` checks the rendered manifests against the Kubernetes schemas.
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
+
+use support::repo_file;
 
 /// The file kustomize turns into the ConfigMap `lfguard-config` (configMapGenerator).
 const BASE_TOML: &str = "k8s/base/lfguard.toml";
 const DEPLOYMENT: &str = "k8s/base/deployment.yaml";
 const REDIS_PATCH: &str = "k8s/overlays/redis/lfguard-patch.yaml";
 const REDIS_SECRET: &str = "k8s/overlays/redis/redis-secret.yaml";
-
-fn repo_file(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
 
 fn read(relative: &str) -> String {
     std::fs::read_to_string(repo_file(relative)).unwrap_or_else(|err| panic!("{relative}: {err}"))

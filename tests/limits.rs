@@ -7,7 +7,6 @@ mod support;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -23,23 +22,6 @@ const PROMPTLY: Duration = Duration::from_secs(3);
 const WAIT: Duration = Duration::from_secs(20);
 
 // ---------------------------------------------------------------- helpers
-
-fn repo_file(relative: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
-
-/// The value of one sample line in a Prometheus text exposition.
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
-fn metric(lfguard: &Lfguard, series: &str) -> f64 {
-    let response = admin_get(lfguard.admin, "/metrics");
-    assert_eq!(response.status, 200);
-    sample(&response.text(), series).unwrap_or_else(|| panic!("no {series} in /metrics"))
-}
 
 /// Polls `/metrics` until `series` satisfies `check` (a readiness signal lfguard offers).
 fn wait_for_metric(lfguard: &Lfguard, series: &str, check: impl Fn(f64) -> bool) -> f64 {

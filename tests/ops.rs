@@ -10,13 +10,6 @@ use std::time::Duration;
 use lfguard::signature::Encoding;
 use support::*;
 
-/// The value of one sample line in a Prometheus text exposition.
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 fn metrics(lfguard: &Lfguard) -> String {
     let response = admin_get(lfguard.admin, "/metrics");
     assert_eq!(response.status, 200);

@@ -467,14 +467,6 @@ fn deployments_with_different_key_prefixes_share_a_redis_without_sharing_keys() 
     assert_eq!(backend.count(), 2);
 }
 
-/// A metric's value from `/metrics`.
-fn metric(lfguard: &Lfguard, name: &str) -> f64 {
-    let text = admin_get(lfguard.admin, "/metrics").text();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} in\n{text}"))
-}
-
 #[test]
 fn a_full_memory_store_refuses_new_claims_rather_than_evict_one_in_flight() {
     let backend = Backend::start();

@@ -24,6 +24,28 @@ pub const SECRET: &str = "xGl64jNW4B223SSDAsddgh=n";
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
 
+// ---------------------------------------------------------------- files and metrics
+
+/// A file of this repository, by its path from the repository root.
+pub fn repo_file(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// The value of one sample line in a Prometheus text exposition.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// One series' value from lfguard's `/metrics`.
+pub fn metric(lfguard: &Lfguard, series: &str) -> f64 {
+    let response = admin_get(lfguard.admin, "/metrics");
+    assert_eq!(response.status, 200);
+    let text = response.text();
+    sample(&text, series).unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
+}
+
 // ---------------------------------------------------------------- backend
 
 /// One request as the backend received it.

@@ -26,8 +26,43 @@ use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt as _};
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-use crate::config::{LogConfig, LogFormat};
-use crate::json_text;
+use crate::verify::json_text;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter (`info`, `lfguard=debug`); `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Json,
+            level: "info".into(),
+        }
+    }
+}
+
+impl LogConfig {
+    /// What serde cannot check, each problem naming its key.
+    pub fn problems(&self) -> Vec<String> {
+        match EnvFilter::try_new(&self.level) {
+            Ok(_) => Vec::new(),
+            Err(err) => vec![format!("log.level: {err}")],
+        }
+    }
+}
 
 /// Buffered lines are written once this much has gathered, whatever the runtime is doing.
 const FLUSH_AT: usize = 16 * 1024;

@@ -3,7 +3,7 @@
 //! and the one that matches is named by the configuration keys that would accept it. Only that
 //! name leaves this module: never the secret, the string to sign or a body value. Pure.
 
-use crate::signature::{self, Body, Claimed, Encoding, NestedValues, NullValues};
+use crate::verify::signature::{self, Body, Claimed, Encoding, NestedValues, NullValues};
 
 /// The canonicalisation and encoding lfguard is configured with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

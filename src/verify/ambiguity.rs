@@ -23,7 +23,7 @@
 
 use std::borrow::Cow;
 
-use crate::signature::{Body, NestedValues, Value};
+use crate::verify::signature::{Body, NestedValues, Value};
 
 /// Why a body is ambiguous. The message names the key (bounded, checked to be harmless) but
 /// never a value.
@@ -124,7 +124,7 @@ fn hides_member(value: &str, key: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::signature::NullValues;
+    use crate::verify::signature::NullValues;
     use proptest::prelude::*;
 
     fn check_json(body: &str) -> Result<(), Ambiguity> {

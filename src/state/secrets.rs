@@ -1,15 +1,53 @@
 //! Partner secrets: loaded from inline config, files, environment variables and `partners_dir`,
 //! held behind an `ArcSwap` so a reload replaces the whole set at once or not at all.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 
-use tokio::sync::watch;
+use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, VerifyMode};
-use crate::server::Shared;
+use crate::verify::config::VerifyMode;
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PartnerConfig {
+    /// Overrides `verify.mode` for this partner, e.g. to trial one new partner in report mode.
+    pub mode: Option<VerifyMode>,
+    /// Overrides `verify.require_timestamp` for this partner's callbacks (a route's setting wins).
+    pub require_timestamp: Option<bool>,
+    /// Inline secrets: for development only (a warning is logged at start).
+    pub secrets: Vec<String>,
+    pub secret_files: Vec<PathBuf>,
+    pub secret_env: Vec<String>,
+}
+
+/// Checks the `[partners.CODE]` sections and `partners_dir`: partner codes, that a partner is
+/// configured at all, and that every secret source reads (each problem naming its key).
+pub fn problems(
+    partners: &BTreeMap<String, PartnerConfig>,
+    partners_dir: Option<&Path>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for code in partners.keys() {
+        if !is_partner_code(code) {
+            problems.push(format!(
+                "partners.{code}: a partner code is letters, digits, '-' and '_'"
+            ));
+        }
+    }
+    if partners.is_empty() && partners_dir.is_none() {
+        problems.push(
+            "partners: no partner is configured (add [partners.CODE] or partners_dir)".into(),
+        );
+    }
+    if let Err(mut secret_problems) =
+        SecretStore::load(partners, partners_dir, VerifyMode::default())
+    {
+        problems.append(&mut secret_problems);
+    }
+    problems
+}
 
 /// One secret of a partner. `id` names where it came from, never what it is.
 #[derive(Clone, PartialEq, Eq)]
@@ -49,11 +87,16 @@ pub fn is_partner_code(code: &str) -> bool {
 impl SecretStore {
     /// Reads every secret source. Any problem (a missing file, an empty secret, a partner with no
     /// secret) fails the whole load, so a half-read set never replaces a good one.
-    pub fn load(config: &Config) -> Result<SecretStore, Vec<String>> {
+    /// `default_mode` is `verify.mode`, for partners without a `mode` of their own.
+    pub fn load(
+        partners_config: &BTreeMap<String, PartnerConfig>,
+        partners_dir: Option<&Path>,
+        default_mode: VerifyMode,
+    ) -> Result<SecretStore, Vec<String>> {
         let mut problems = Vec::new();
         let mut partners: HashMap<String, Vec<Key>> = HashMap::new();
 
-        for (code, partner) in &config.partners {
+        for (code, partner) in partners_config {
             let keys = partners.entry(code.clone()).or_default();
             for (i, secret) in partner.secrets.iter().enumerate() {
                 match check_secret(secret) {
@@ -84,7 +127,7 @@ impl SecretStore {
             }
         }
 
-        if let Some(dir) = &config.partners_dir {
+        if let Some(dir) = partners_dir {
             load_dir(dir, &mut partners, &mut problems);
         }
 
@@ -94,19 +137,17 @@ impl SecretStore {
             }
         }
         if problems.is_empty() {
-            let modes = config
-                .partners
+            let modes = partners_config
                 .iter()
                 .filter_map(|(code, partner)| Some((code.clone(), partner.mode?)))
                 .collect();
-            let require_timestamp = config
-                .partners
+            let require_timestamp = partners_config
                 .iter()
                 .filter_map(|(code, partner)| Some((code.clone(), partner.require_timestamp?)))
                 .collect();
             Ok(SecretStore {
                 partners,
-                default_mode: config.verify.mode,
+                default_mode,
                 modes,
                 require_timestamp,
             })
@@ -139,79 +180,6 @@ impl SecretStore {
 
     pub fn partner_count(&self) -> usize {
         self.partners.len()
-    }
-}
-
-/// Re-reads the configuration file and every secret source, and swaps the new secrets and modes
-/// in whole. A failed read keeps the last good set, logs why and counts it.
-pub fn reload(shared: &Shared, trigger: &'static str) {
-    apply(shared, load_current(shared), trigger);
-}
-
-/// The configuration as it is now on disk and in the environment, and its secrets.
-fn load_current(shared: &Shared) -> Result<(Config, SecretStore), Vec<String>> {
-    let config = crate::config::load(shared.config_path.as_deref()).map_err(|err| err.0)?;
-    let secrets = SecretStore::load(&config)?;
-    Ok((config, secrets))
-}
-
-fn apply(
-    shared: &Shared,
-    loaded: Result<(Config, SecretStore), Vec<String>>,
-    trigger: &'static str,
-) {
-    match loaded {
-        Ok((config, fresh)) => {
-            if **shared.secrets.load() != fresh {
-                tracing::info!(
-                    trigger,
-                    partners = fresh.partner_count(),
-                    "secrets reloaded"
-                );
-                shared.secrets.store(Arc::new(fresh));
-            }
-            if !shared.config.same_apart_from_reloadable(&config) {
-                tracing::warn!(
-                    trigger,
-                    "configuration changes other than partners, secrets and modes take effect at the next restart"
-                );
-            }
-            shared.metrics.secret_reload(true);
-        }
-        Err(problems) => {
-            tracing::error!(
-                trigger,
-                problems = %problems.join("; "),
-                "secret reload failed; keeping the previous secrets"
-            );
-            shared.metrics.secret_reload(false);
-        }
-    }
-}
-
-/// Polls the config file and the secret files every `reload_interval`, comparing content rather
-/// than mtimes: Kubernetes updates a mounted Secret or ConfigMap by swapping a symlink, which
-/// leaves file mtimes alone. Only changes count as reloads, and a broken source is reported once
-/// until it changes again.
-pub async fn watch(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let mut last_problems: Option<Vec<String>> = None;
-    let mut tick = tokio::time::interval(shared.config.reload_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|stop| *stop) => return,
-        }
-        let loaded = load_current(&shared);
-        let unchanged = match &loaded {
-            Ok((_, fresh)) => **shared.secrets.load() == *fresh,
-            Err(problems) => last_problems.as_ref() == Some(problems),
-        };
-        last_problems = loaded.as_ref().err().cloned();
-        if !unchanged {
-            apply(&shared, loaded, "file change");
-        }
     }
 }
 
@@ -304,12 +272,13 @@ fn check_secret(secret: &str) -> Result<(), &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::PartnerConfig;
 
-    fn config_with(partner: PartnerConfig) -> Config {
-        let mut config = Config::default();
-        config.partners.insert("P1".into(), partner);
-        config
+    fn config_with(partner: PartnerConfig) -> BTreeMap<String, PartnerConfig> {
+        BTreeMap::from([("P1".to_string(), partner)])
+    }
+
+    fn load(partners: &BTreeMap<String, PartnerConfig>) -> Result<SecretStore, Vec<String>> {
+        SecretStore::load(partners, None, VerifyMode::Enforce)
     }
 
     #[test]
@@ -320,13 +289,12 @@ mod tests {
         let elsewhere = tempfile::tempdir().unwrap();
         let file = elsewhere.path().join("p1.secret");
         std::fs::write(&file, "  s1  \n").unwrap();
-        let mut config = config_with(PartnerConfig {
+        let config = config_with(PartnerConfig {
             secrets: vec!["inline".into()],
             secret_files: vec![file],
             ..Default::default()
         });
-        config.partners_dir = Some(dir.path().to_path_buf());
-        let store = SecretStore::load(&config).unwrap();
+        let store = SecretStore::load(&config, Some(dir.path()), VerifyMode::Enforce).unwrap();
         let p1: Vec<_> = store
             .keys("P1")
             .unwrap()
@@ -356,7 +324,7 @@ mod tests {
             mode: None,
             require_timestamp: None,
         });
-        let problems = SecretStore::load(&config).unwrap_err();
+        let problems = load(&config).unwrap_err();
         assert_eq!(problems.len(), 4, "{problems:?}");
         assert!(problems.iter().all(|p| !p.contains("good-secret")));
     }
@@ -368,14 +336,14 @@ mod tests {
             mode: Some(VerifyMode::Report),
             ..Default::default()
         });
-        config.partners.insert(
+        config.insert(
             "P2".into(),
             PartnerConfig {
                 secrets: vec!["k".into()],
                 ..Default::default()
             },
         );
-        let store = SecretStore::load(&config).unwrap();
+        let store = load(&config).unwrap();
         assert_eq!(store.mode_for(Some("P1")), VerifyMode::Report);
         assert_eq!(store.mode_for(Some("P2")), VerifyMode::Enforce);
         assert_eq!(store.mode_for(None), VerifyMode::Enforce);

@@ -1,10 +1,12 @@
 //! Every way lfguard refuses a request, and the one place that turns a refusal into a
 //! status, a stable code and a JSON body.
 
+use std::fmt::Write as _;
+
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::body::{ProxyBody, full};
+use crate::proxy::body::{ProxyBody, full};
 
 /// A refused request. Each variant has exactly one status and one documented code; the `String` is a
 /// human-readable detail that never contains a secret or a body value. The details of
@@ -263,6 +265,17 @@ impl Rejection {
         }
         response
     }
+}
+
+/// An error and its causes, for the log.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let _ = write!(message, ": {cause}");
+        source = cause.source();
+    }
+    message
 }
 
 #[cfg(test)]

@@ -191,7 +191,7 @@ mod tests {
     const LONG: Duration = Duration::from_secs(60);
 
     fn key(name: &str) -> Key {
-        let digest = crate::signature::Prepared::new(name).digest("");
+        let digest = crate::verify::signature::Prepared::new(name).digest("");
         Key {
             partner: "P1".into(),
             digest,

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, NaiveDateTime};
 
-use crate::signature::Value;
+use crate::verify::signature::Value;
 
 /// Why a timestamp was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,9 +11,10 @@ use std::time::Duration;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
-use crate::body::{ProxyBody, full};
-use crate::replay::Store;
-use crate::server::Shared;
+use crate::proxy::body::{ProxyBody, full};
+use crate::server::shared::Shared;
+use crate::state::replay::Store;
+use crate::telemetry::metrics::Figures;
 
 /// A readiness probe must answer even when Redis hangs.
 const STORE_PING_TIMEOUT: Duration = Duration::from_secs(1);
@@ -35,17 +36,7 @@ impl Admin {
             (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET | &Method::HEAD, "/readyz") => self.readiness().await,
             (&Method::GET | &Method::HEAD, "/metrics") => {
-                let mut response = text(
-                    StatusCode::OK,
-                    self.shared.metrics.render(
-                        &self.shared.replay,
-                        &self.shared.budget,
-                        &[
-                            ("proxy", &self.shared.proxy_connections),
-                            ("admin", &self.shared.admin_connections),
-                        ],
-                    ),
-                );
+                let mut response = text(StatusCode::OK, self.render_metrics());
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -61,6 +52,24 @@ impl Admin {
             ),
         };
         Ok(response)
+    }
+
+    /// The metrics, with the figures of the budget, the listeners and the store read now.
+    fn render_metrics(&self) -> String {
+        let shared = &self.shared;
+        let listeners = [
+            ("proxy", &shared.proxy_connections),
+            ("admin", &shared.admin_connections),
+        ]
+        .map(|(name, connections)| (name, connections.open(), connections.cap()));
+        shared.metrics.render(&Figures {
+            buffered_body_bytes: shared.budget.held(),
+            buffered_body_bytes_limit: shared.budget.limit(),
+            listeners: &listeners,
+            replay_entries: shared.replay.entries(),
+            replay_evictions: shared.replay.evictions(),
+            replay_refused: shared.replay.refused(),
+        })
     }
 
     async fn readiness(&self) -> Response<ProxyBody> {

@@ -7,7 +7,6 @@
 //! CPU under load). Here a connection goes back on the stack when its response body has been read
 //! to the end, and the most recently used one is taken first, so few connections stay warm.
 
-use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,18 +17,67 @@ use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, header};
 use http_body_util::Full;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::config::UpstreamConfig;
+use serde::{Deserialize, Serialize};
+
+mod body;
+
+pub use self::body::{Deadline, ResponseDeadline, UpstreamBody};
 
 /// Where requests are forwarded: `http://authority` plus an optional path prefix.
 #[derive(Debug, Clone)]
 pub struct UpstreamTarget {
     authority: Authority,
     base_path: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `http://host:port` with an optional path prefix; the request path is appended to it.
+    pub url: String,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: "http://127.0.0.1:8081".into(),
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            pool_max_idle_per_host: 256,
+            pool_idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// What serde cannot check, each problem naming its key.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (key, value) in [
+            ("upstream.timeout", self.timeout),
+            ("upstream.connect_timeout", self.connect_timeout),
+        ] {
+            if value.is_zero() {
+                problems.push(format!("{key}: must be greater than 0"));
+            }
+        }
+        if let Err(problem) = UpstreamTarget::parse(&self.url) {
+            problems.push(format!("upstream.url: {problem}"));
+        }
+        problems
+    }
 }
 
 impl UpstreamTarget {
@@ -382,124 +430,6 @@ fn exchange_error(err: &hyper::Error) -> UpstreamError {
         source = cause.source();
     }
     UpstreamError::Exchange(message)
-}
-
-/// The backend's response body, streamed through. Its connection returns to the pool once the
-/// body has been read to the end; a body dropped half-read takes its connection with it.
-pub struct UpstreamBody {
-    body: Incoming,
-    reuse: Option<(Arc<Upstream>, Connection)>,
-}
-
-impl UpstreamBody {
-    fn release_connection(&mut self) {
-        if let Some((upstream, connection)) = self.reuse.take() {
-            upstream.checkin(connection);
-        }
-    }
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.release_connection(),
-            Poll::Ready(Some(Err(_))) => self.reuse = None,
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        if self.body.is_end_stream() {
-            self.release_connection();
-        }
-    }
-}
-
-/// The backend's response body with a deadline: `upstream.timeout` bounds the whole exchange,
-/// from the request being sent to the last byte of the response, not only the wait for the
-/// response head. Past the deadline the body ends with an error, so hyper cuts the client's
-/// connection off (the response is visibly incomplete) and the backend connection is dropped.
-///
-/// The timer is the one that bounded the wait for the head, handed on: one timer and one
-/// allocation for the whole exchange.
-pub struct Deadline {
-    body: UpstreamBody,
-    timer: Pin<Box<tokio::time::Sleep>>,
-    timeout: Duration,
-}
-
-/// The backend's response body did not finish within `upstream.timeout`.
-#[derive(Debug, thiserror::Error)]
-#[error("the backend's response did not finish within upstream.timeout ({0:?})")]
-pub struct ResponseDeadline(pub Duration);
-
-impl Deadline {
-    /// `timer` fires at the deadline, `timeout` after the request was sent.
-    pub fn new(body: UpstreamBody, timer: Pin<Box<tokio::time::Sleep>>, timeout: Duration) -> Self {
-        Deadline {
-            body,
-            timer,
-            timeout,
-        }
-    }
-
-    fn expired(&self) -> Poll<Option<Result<Frame<Bytes>, crate::body::BodyError>>> {
-        tracing::warn!(
-            timeout = %humantime::format_duration(self.timeout),
-            "the backend's response body did not finish within upstream.timeout; the client's \
-             connection is cut off"
-        );
-        Poll::Ready(Some(Err(Box::new(ResponseDeadline(self.timeout)))))
-    }
-}
-
-impl Body for Deadline {
-    type Data = Bytes;
-    type Error = crate::body::BodyError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = &mut *self;
-        // Checked first too, so that a backend that keeps some data coming cannot outrun it.
-        if this.timer.is_elapsed() {
-            return this.expired();
-        }
-        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
-            return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
-        }
-        match this.timer.as_mut().poll(cx) {
-            Poll::Ready(()) => this.expired(),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
 }
 
 #[cfg(test)]

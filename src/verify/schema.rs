@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::signature::{Body, Value};
+use crate::verify::signature::{Body, Value};
 
 /// The JSON type of a member value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -150,7 +150,7 @@ impl Schema {
             problems.push(format!("{at}.members: a schema names at least one member"));
         }
         for key in self.members.keys() {
-            if !key.bytes().all(crate::ambiguity::is_key_byte) || key.is_empty() {
+            if !key.bytes().all(crate::verify::ambiguity::is_key_byte) || key.is_empty() {
                 problems.push(format!(
                     "{at}.members.{key}: a member key is ASCII letters, digits, '_', '-' and '.'"
                 ));
@@ -393,7 +393,7 @@ mod tests {
             let original = json_of(&members);
             let signed = Body::from_json(original.as_bytes()).unwrap();
             let schema = schema_of(&signed);
-            let canonical = signed.canonical(crate::signature::NullValues::Empty);
+            let canonical = signed.canonical(crate::verify::signature::NullValues::Empty);
             for (name, text, is_form) in restructured(&members, at) {
                 let parsed = if is_form {
                     Body::from_form(text.as_bytes())
@@ -403,10 +403,10 @@ mod tests {
                 // Where a restructuring does not apply (the text is no key, the order changes),
                 // it has another signature and is not what this property is about.
                 let Ok(body) = parsed else { continue };
-                if body.canonical(crate::signature::NullValues::Empty) != canonical {
+                if body.canonical(crate::verify::signature::NullValues::Empty) != canonical {
                     continue;
                 }
-                let admitted = crate::ambiguity::check(&body, crate::signature::NestedValues::AsWritten).is_ok()
+                let admitted = crate::verify::ambiguity::check(&body, crate::verify::signature::NestedValues::AsWritten).is_ok()
                     && schema.check(&body).is_ok();
                 let same = body.members().len() == signed.members().len()
                     && body.members().iter().zip(signed.members()).all(|(a, b)| {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::config::{Config, StoreKind};
+use serde::{Deserialize, Serialize};
 
 /// What a claim found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +24,73 @@ pub enum Claim {
     InFlight,
     /// The store holds as many claims in flight as it may (memory store): try again shortly.
     Full,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDuplicate {
+    #[default]
+    Acknowledge,
+    Reject,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplayConfig {
+    pub store: StoreKind,
+    /// How long a delivered callback is remembered; at least `max_age + max_skew`.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Memory store: the most keys held (about 120 bytes each); the least recently used go first.
+    pub capacity: u64,
+    pub on_duplicate: OnDuplicate,
+    pub redis_url: Option<String>,
+    pub key_prefix: String,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        ReplayConfig {
+            store: StoreKind::Memory,
+            window: Duration::from_secs(25 * 3600),
+            capacity: 50_000,
+            on_duplicate: OnDuplicate::Acknowledge,
+            redis_url: None,
+            key_prefix: "lfguard:".into(),
+        }
+    }
+}
+
+impl ReplayConfig {
+    /// What serde cannot check, each problem naming its key. That `window` covers
+    /// `verify.max_age + verify.max_skew` is checked where both sections meet (`config`).
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.capacity == 0 {
+            problems.push("replay.capacity: must be greater than 0".into());
+        }
+        if self.store == StoreKind::Redis && self.redis_url.is_none() {
+            problems.push("replay.redis_url: required when replay.store = \"redis\"".into());
+        }
+        if let Some(url) = &self.redis_url
+            && !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("redis+unix://")
+                || url.starts_with("unix://"))
+        {
+            problems
+                .push("replay.redis_url: must start with redis://, rediss:// or unix://".into());
+        }
+        problems
+    }
 }
 
 /// One callback: its partner and the md5 digest of its signed string (which covers every body
@@ -40,7 +107,7 @@ impl Key {
         format!(
             "{prefix}{}:{}",
             self.partner,
-            crate::signature::hex_string(&self.digest)
+            crate::verify::signature::hex_string(&self.digest)
         )
     }
 }
@@ -123,12 +190,12 @@ pub enum AnyStore {
 }
 
 impl AnyStore {
-    pub fn from_config(config: &Config) -> Result<Arc<AnyStore>, StoreError> {
-        Ok(Arc::new(match config.replay.store {
-            StoreKind::Memory => AnyStore::Memory(memory::MemoryStore::new(config.replay.capacity)),
+    pub fn from_config(config: &ReplayConfig) -> Result<Arc<AnyStore>, StoreError> {
+        Ok(Arc::new(match config.store {
+            StoreKind::Memory => AnyStore::Memory(memory::MemoryStore::new(config.capacity)),
             StoreKind::Redis => AnyStore::Redis(redis::RedisStore::new(
-                config.replay.redis_url.as_deref().unwrap_or_default(),
-                &config.replay.key_prefix,
+                config.redis_url.as_deref().unwrap_or_default(),
+                &config.key_prefix,
             )?),
         }))
     }

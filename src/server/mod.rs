@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -13,15 +13,22 @@ use hyper_util::rt::TokioTimer;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
-use crate::admin::Admin;
 use crate::config::Config;
-use crate::connections::Connections;
-use crate::framing::Watched;
-use crate::limits::BodyBudget;
-use crate::metrics::Metrics;
-use crate::proxy::{Peer, Proxy};
-use crate::replay::AnyStore;
-use crate::secrets::{self, SecretStore};
+use crate::proxy::framing::Watched;
+use crate::proxy::limits::BodyBudget;
+use crate::proxy::{Peer, Proxy, Settings};
+use crate::server::admin::Admin;
+use crate::server::connections::Connections;
+use crate::server::shared::Shared;
+use crate::state::replay::AnyStore;
+use crate::telemetry::metrics::Metrics;
+
+pub mod admin;
+pub mod config;
+pub mod connections;
+pub mod reload;
+pub mod shared;
+pub mod signals;
 
 /// How long the replay claims of requests cut at the end of `server.shutdown_grace` may take to
 /// be released (a Redis store answers within its 2 s command timeout).
@@ -36,31 +43,11 @@ const ADMIN_MAX_BUF_BYTES: usize = 8192;
 const ADMIN_MAX_HEADERS: usize = 32;
 const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// State shared by the proxy, the admin server and the signal handlers.
-pub struct Shared {
-    /// The configuration lfguard started with; a reload replaces only `secrets`.
-    pub config: Arc<Config>,
-    /// Where the configuration came from, re-read on reload.
-    pub config_path: Option<PathBuf>,
-    pub secrets: Arc<ArcSwap<SecretStore>>,
-    pub replay: Arc<AnyStore>,
-    pub metrics: Arc<Metrics>,
-    /// `server.max_buffered_bytes`: shared by every request body being buffered.
-    pub budget: Arc<BodyBudget>,
-    /// The connections of the proxy port (`server.max_connections`).
-    pub proxy_connections: Arc<Connections>,
-    /// The connections of the admin port (`server.admin_max_connections`).
-    pub admin_connections: Arc<Connections>,
-    /// Set once shutdown begins: readiness answers 503 from then on, and the proxy's answers
-    /// carry `Connection: close`.
-    pub draining: Arc<AtomicBool>,
-}
-
 /// Runs lfguard until a shutdown signal, then drains. Returns once every connection closed or
 /// `server.shutdown_grace` passed.
 pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), String> {
     let config = Arc::new(config);
-    let secrets = SecretStore::load(&config).map_err(|problems| problems.join("; "))?;
+    let secrets = reload::secrets_of(&config).map_err(|problems| problems.join("; "))?;
     for (code, partner) in &config.partners {
         if !partner.secrets.is_empty() {
             tracing::warn!(partner = %code, "inline secrets in the config file are for development only; use secret_files, secret_env or partners_dir");
@@ -69,7 +56,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Str
     let metrics = Arc::new(Metrics::new());
     let shared = Arc::new(Shared {
         secrets: Arc::new(ArcSwap::from_pointee(secrets)),
-        replay: AnyStore::from_config(&config).map_err(|err| err.0)?,
+        replay: AnyStore::from_config(&config.replay).map_err(|err| err.0)?,
         budget: Arc::new(BodyBudget::new(config.server.max_buffered_bytes)),
         proxy_connections: Connections::new(
             "proxy",
@@ -97,11 +84,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Str
         admin,
         shared.admin_connections.clone(),
     ));
-    let reloader = tokio::spawn(secrets::watch(shared.clone(), stop_rx.clone()));
-    let signals = tokio::spawn(handle_signals(shared.clone(), stop_tx));
+    let reloader = tokio::spawn(reload::watch(shared.clone(), stop_rx.clone()));
+    let signals = tokio::spawn(signals::handle_signals(shared.clone(), stop_tx));
 
     let proxy = Arc::new(Proxy::new(
-        config.clone(),
+        proxy_settings(&config),
         shared.secrets.clone(),
         shared.replay.clone(),
         shared.metrics.clone(),
@@ -130,6 +117,19 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Str
     admin_task.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The sections the pipeline reads, and the per-request limits of `[server]`.
+fn proxy_settings(config: &Config) -> Settings {
+    Settings {
+        verify: config.verify.clone(),
+        replay: config.replay.clone(),
+        upstream: config.upstream.clone(),
+        routes: config.routes.clone(),
+        schemas: config.schemas.clone(),
+        max_body_bytes: config.server.max_body_bytes,
+        body_read_timeout: config.server.body_read_timeout,
+    }
 }
 
 async fn bind(addr: SocketAddr, name: &'static str) -> Result<TcpListener, String> {
@@ -262,35 +262,5 @@ async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, connections: Arc<
         tokio::spawn(async move {
             connection.serve(stream, &builder, handler).await;
         });
-    }
-}
-
-/// SIGTERM/SIGINT: readiness turns 503 and the proxy drains; a second one exits at once.
-/// SIGHUP: reload the secrets.
-async fn handle_signals(shared: Arc<Shared>, stop: watch::Sender<bool>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
-            _ = hup.recv() => {
-                secrets::reload(&shared, "SIGHUP");
-                continue;
-            }
-        }
-        if shared.draining.swap(true, Ordering::SeqCst) {
-            tracing::warn!("second shutdown signal: exiting now");
-            std::process::exit(1);
-        }
-        tracing::info!("shutdown signal: draining");
-        let _ = stop.send(true);
     }
 }

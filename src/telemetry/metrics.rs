@@ -9,9 +9,19 @@ use prometheus::{
     Registry, TextEncoder, exponential_buckets,
 };
 
-use crate::connections::Connections;
-use crate::limits::BodyBudget;
-use crate::replay::AnyStore;
+/// The figures `render` reads at scrape time from the parts that own them (the body budget, the
+/// listeners, the replay store), passed in as plain values.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Figures<'a> {
+    pub buffered_body_bytes: u64,
+    pub buffered_body_bytes_limit: u64,
+    /// Per listener: its name, the connections open and the most it serves at once.
+    pub listeners: &'a [(&'a str, usize, usize)],
+    /// Memory store: (delivered, in flight) and capacity; `None` for a shared store.
+    pub replay_entries: Option<((u64, u64), u64)>,
+    pub replay_evictions: u64,
+    pub replay_refused: u64,
+}
 
 /// The label value for requests whose partner is missing or not configured.
 pub const OTHER_PARTNER: &str = "other";
@@ -252,31 +262,28 @@ impl Metrics {
 
     /// The text exposition, with the store's, the body budget's and the listeners' figures read
     /// at scrape time.
-    pub fn render(
-        &self,
-        store: &AnyStore,
-        budget: &BodyBudget,
-        listeners: &[(&str, &Connections)],
-    ) -> String {
+    pub fn render(&self, figures: &Figures<'_>) -> String {
         let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
-        self.buffered_body_bytes.set(gauge(budget.held()));
-        self.buffered_body_bytes_limit.set(gauge(budget.limit()));
-        for (listener, connections) in listeners {
+        self.buffered_body_bytes
+            .set(gauge(figures.buffered_body_bytes));
+        self.buffered_body_bytes_limit
+            .set(gauge(figures.buffered_body_bytes_limit));
+        for &(listener, open, cap) in figures.listeners {
             self.connections
                 .with_label_values(&[listener])
-                .set(gauge(connections.open() as u64));
+                .set(gauge(open as u64));
             self.connections_limit
                 .with_label_values(&[listener])
-                .set(gauge(connections.cap() as u64));
+                .set(gauge(cap as u64));
         }
-        if let Some(((delivered, in_flight), capacity)) = store.entries() {
+        if let Some(((delivered, in_flight), capacity)) = figures.replay_entries {
             self.replay_entries.set(gauge(delivered));
             self.replay_in_flight.set(gauge(in_flight));
             self.replay_capacity.set(gauge(capacity));
         }
         for (counter, total) in [
-            (&self.replay_evictions, store.evictions()),
-            (&self.replay_refused, store.refused()),
+            (&self.replay_evictions, figures.replay_evictions),
+            (&self.replay_refused, figures.replay_refused),
         ] {
             let counted = counter.get();
             if total > counted {

@@ -27,7 +27,7 @@ use hyper_util::rt::TokioIo;
 use prometheus::IntCounter;
 use tokio::sync::Notify;
 
-use crate::body::ProxyBody;
+use crate::proxy::body::ProxyBody;
 
 /// A request is in progress: the service was called and its response body is not finished.
 const ACTIVE: u8 = 1;
