@@ -204,6 +204,30 @@ fn restructured_bodies_are_refused_and_never_reach_the_backend() {
             "ambiguous_body",
         ),
         (
+            "…sent to the schema route's path percent-encoded (a backend decodes it)",
+            at(
+                under_signature_of(
+                    &uplink(now + 4, r#""4230001234567""#),
+                    &uplink(now + 4, "4230001234567"),
+                ),
+                "/callbacks/%73ms-uplink",
+            ),
+            400,
+            "malformed_request",
+        ),
+        (
+            "…sent to the schema route's path with an empty segment (a backend collapses it)",
+            at(
+                under_signature_of(
+                    &uplink(now + 5, r#""4230001234567""#),
+                    &uplink(now + 5, "4230001234567"),
+                ),
+                "//callbacks/sms-uplink",
+            ),
+            400,
+            "malformed_request",
+        ),
+        (
             "the uplink with a member the schema does not name",
             at(
                 Callback::signed(uplink(now + 3, r#""1","zz":"1""#)),

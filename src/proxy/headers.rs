@@ -127,12 +127,7 @@ pub(super) fn name_starts_with(name: &[u8], lowercase_prefix: &[u8]) -> bool {
 /// Headers that `Connection` declares hop-by-hop for this message. `keep-alive` and `close`, the
 /// usual values, name no header that is not already dropped.
 pub(super) fn listed_in_connection(headers: &HeaderMap) -> Vec<HeaderName> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+    connection_tokens(headers)
         .filter(|name| {
             !name.eq_ignore_ascii_case("keep-alive") && !name.eq_ignore_ascii_case("close")
         })

@@ -168,6 +168,8 @@ impl Proxy {
         if parts.method != Method::POST {
             return Err(Rejection::MethodNotAllowed);
         }
+        // A schema binds only if lfguard sees the path the backend routes on.
+        self.check_schema_path(parts.uri.path())?;
         // Framing and parsing protect lfguard and the backend: enforced in every mode.
         let form = content_kind(&parts.headers)?;
         if form

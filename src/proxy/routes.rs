@@ -8,6 +8,7 @@ use http::request::Parts;
 use serde::{Deserialize, Serialize};
 
 use super::Proxy;
+use super::error::Rejection;
 use crate::verify::schema::Schema;
 
 /// A path prefix with its own rules: passed through without verification (`verify = false`, e.g.
@@ -102,6 +103,26 @@ impl Proxy {
                 }
             })
             .max_by_key(|route| route.path_prefix.len())
+    }
+
+    /// With member schemas configured, a callback's path must be plain: no percent-encoding at
+    /// all, no `//`, nothing `is_clean_path` refuses. A backend that decodes `%73` or collapses
+    /// `//` would route `/callbacks/%73ms-uplink` to the SMS uplink's handler while lfguard
+    /// matched it to no schema route.
+    pub(super) fn check_schema_path(&self, path: &str) -> Result<(), Rejection> {
+        let schemas = self
+            .settings
+            .routes
+            .iter()
+            .any(|route| route.schema.is_some());
+        if schemas && (path.contains('%') || path.contains("//") || !is_clean_path(path)) {
+            return Err(Rejection::MalformedRequest(
+                "with member schemas configured, a callback's path must be plain (no \
+                 percent-encoding, path parameters, dot or empty segments)"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// On a `verify = false` route: an ordinary method and a clean path (see `is_clean_path`).
