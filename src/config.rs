@@ -234,8 +234,8 @@ mod tests {
         assert_eq!(redact_url_password("redis://h:6379"), "redis://h:6379");
     }
 
-    #[test]
-    fn window_shorter_than_freshness_is_refused() {
+    /// The defaults with the one partner a configuration needs to be valid.
+    fn with_one_partner() -> Config {
         let mut config = Config::default();
         config.partners.insert(
             "P1".into(),
@@ -244,6 +244,12 @@ mod tests {
                 ..Default::default()
             },
         );
+        config
+    }
+
+    #[test]
+    fn window_shorter_than_freshness_is_refused() {
+        let mut config = with_one_partner();
         config.replay.window = Duration::from_secs(3600);
         let err = config.clone().validate().unwrap_err();
         assert!(
@@ -263,14 +269,7 @@ mod tests {
 
     #[test]
     fn the_body_budget_must_hold_one_body_of_the_largest_size() {
-        let mut config = Config::default();
-        config.partners.insert(
-            "P1".into(),
-            PartnerConfig {
-                secrets: vec!["k".into()],
-                ..Default::default()
-            },
-        );
+        let mut config = with_one_partner();
         let problems = |config: &Config| config.clone().validate().err().map(|err| err.0);
         config.server.max_buffered_bytes = config.server.max_body_bytes - 1;
         let found = problems(&config).unwrap();

@@ -65,6 +65,18 @@ fn uplink(received_at: u64, imsi: &str) -> String {
     )
 }
 
+/// The uplink sent to `path` with its imsi a number, under the signature of the genuine one
+/// (whose imsi is a string): the retype only a schema catches.
+fn imsi_retyped(received_at: u64, path: &str) -> Callback {
+    at(
+        under_signature_of(
+            &uplink(received_at, r#""4230001234567""#),
+            &uplink(received_at, "4230001234567"),
+        ),
+        path,
+    )
+}
+
 #[test]
 fn restructured_bodies_are_refused_and_never_reach_the_backend() {
     let backend = Backend::start();
@@ -181,49 +193,25 @@ fn restructured_bodies_are_refused_and_never_reach_the_backend() {
         ),
         (
             "the uplink with its imsi retyped as a number",
-            at(
-                under_signature_of(
-                    &uplink(now + 1, r#""4230001234567""#),
-                    &uplink(now + 1, "4230001234567"),
-                ),
-                "/callbacks/sms-uplink",
-            ),
+            imsi_retyped(now + 1, "/callbacks/sms-uplink"),
             400,
             "ambiguous_body",
         ),
         (
             "…sent to the schema route's path in other case",
-            at(
-                under_signature_of(
-                    &uplink(now + 2, r#""4230001234567""#),
-                    &uplink(now + 2, "4230001234567"),
-                ),
-                "/CALLBACKS/SMS-Uplink?x=1",
-            ),
+            imsi_retyped(now + 2, "/CALLBACKS/SMS-Uplink?x=1"),
             400,
             "ambiguous_body",
         ),
         (
             "…sent to the schema route's path percent-encoded (a backend decodes it)",
-            at(
-                under_signature_of(
-                    &uplink(now + 4, r#""4230001234567""#),
-                    &uplink(now + 4, "4230001234567"),
-                ),
-                "/callbacks/%73ms-uplink",
-            ),
+            imsi_retyped(now + 4, "/callbacks/%73ms-uplink"),
             400,
             "malformed_request",
         ),
         (
             "…sent to the schema route's path with an empty segment (a backend collapses it)",
-            at(
-                under_signature_of(
-                    &uplink(now + 5, r#""4230001234567""#),
-                    &uplink(now + 5, "4230001234567"),
-                ),
-                "//callbacks/sms-uplink",
-            ),
+            imsi_retyped(now + 5, "//callbacks/sms-uplink"),
             400,
             "malformed_request",
         ),
