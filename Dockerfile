@@ -18,8 +18,8 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin lfguard \
-    && install -D -m 0755 target/release/lfguard /out/lfguard
+    cargo build --profile dist --locked --bin lfguard \
+    && install -D -m 0755 target/dist/lfguard /out/lfguard
 
 # Same Debian release as the builder, so the binary finds the glibc it was linked against.
 FROM gcr.io/distroless/cc-debian12:nonroot

@@ -47,10 +47,10 @@ log() { printf '[compare] %s\n' "$*" >&2; }
 # --- tools -------------------------------------------------------------------------------------
 install_missing nginx=nginx-light wrk=wrk python3=python3
 
-log "building lfguard and the hyper floor (release)"
-(cd "$root" && cargo build --release --quiet --bin lfguard --example hyper_floor)
-LFGUARD=$root/target/release/lfguard
-FLOOR=$root/target/release/examples/hyper_floor
+log "building lfguard and the hyper floor (dist profile)"
+(cd "$root" && cargo build --profile dist --quiet --bin lfguard --example hyper_floor)
+LFGUARD=$root/target/dist/lfguard
+FLOOR=$root/target/dist/examples/hyper_floor
 
 # --- processes and cleanup ------------------------------------------------------------------------
 start_tmp compare

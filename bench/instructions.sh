@@ -48,10 +48,10 @@ done
 # --- tools -------------------------------------------------------------------------------------
 install_missing valgrind=valgrind nginx=nginx-light python3=python3 curl=curl
 
-log "building lfguard and examples/hyper_floor (release)"
-(cd "$root" && cargo build --release --quiet --bin lfguard --example hyper_floor)
-LFGUARD=$root/target/release/lfguard
-HYPER_FLOOR=$root/target/release/examples/hyper_floor
+log "building lfguard and examples/hyper_floor (dist profile)"
+(cd "$root" && cargo build --profile dist --quiet --bin lfguard --example hyper_floor)
+LFGUARD=$root/target/dist/lfguard
+HYPER_FLOOR=$root/target/dist/examples/hyper_floor
 
 # --- processes and cleanup ------------------------------------------------------------------------
 start_tmp instructions

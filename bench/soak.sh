@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Soak: 1,000 concurrent connections through lfguard (release build) for DURATION with a mix of
+# Soak: 1,000 concurrent connections through lfguard (dist profile) for DURATION with a mix of
 # valid, forged and replayed callbacks, on loopback only. Exits non-zero when a check fails.
 #
 #   bench/soak.sh                 # 60 s
@@ -56,9 +56,9 @@ install_missing nginx=nginx-light wrk=wrk python3=python3
 raise_fd_limit 65536
 (($(ulimit -n) >= CONNECTIONS * 3 + 256)) || { log "ulimit -n is only $(ulimit -n)"; exit 1; }
 
-log "building lfguard (release)"
-(cd "$root" && cargo build --release --quiet)
-LFGUARD=$root/target/release/lfguard
+log "building lfguard (dist profile)"
+(cd "$root" && cargo build --profile dist --quiet --bin lfguard)
+LFGUARD=$root/target/dist/lfguard
 
 start_tmp soak
 
@@ -247,7 +247,7 @@ echo
 echo "## lfguard soak ($(date -u +%Y-%m-%dT%H:%MZ))"
 echo
 echo "Machine: $(nproc) CPUs, ${cpu:-unknown CPU}. wrk -t$WRK_THREADS -c$CONNECTIONS -d${DUR_S}s against lfguard" \
-    "(release, worker_threads = one per core, max_connections = $MAX_CONNECTIONS, memory replay store), backend nginx 200."
+    "(dist profile, worker_threads = one per core, max_connections = $MAX_CONNECTIONS, memory replay store), backend nginx 200."
 echo "Pool: $POOL pre-generated requests (forged fraction $FORGED, replay fraction $REPLAY), cycled; every request a new delivery id."
 echo
 echo '```'
