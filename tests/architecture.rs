@@ -68,6 +68,8 @@ const LAYERS: &[(&str, Layer)] = &[
     ("server::signals", Server),
     ("config", Server),
     ("cli", Cli),
+    ("cli::send", Cli),
+    ("cli::sign", Cli),
 ];
 
 /// Modules that must not reach for I/O, a clock or tokio, whatever they import.

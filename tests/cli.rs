@@ -254,3 +254,199 @@ fn send_count_sends_distinct_callbacks_and_reports_percentiles() {
         "every callback is distinct, so none is a replay"
     );
 }
+
+/// A body whose string to sign differs under every canonicalisation setting: a null, and a
+/// nested object with a number and keys that re-serialisation reorders.
+const CANONICAL_BODY: &str = r#"{"partner_code":"P002671","note":null,"meta":{"z":1.50, "a":"\u00e9"},"received_at":"1700000000000"}"#;
+
+#[test]
+fn sign_and_verify_agree_for_every_canonicalisation() {
+    let mut signatures = std::collections::BTreeSet::new();
+    for encoding in ["hex", "raw"] {
+        for nulls in ["empty", "skip", "literal"] {
+            for nested in ["as-written", "reserialized"] {
+                let flags = [
+                    "--encoding",
+                    encoding,
+                    "--null-values",
+                    nulls,
+                    "--nested-values",
+                    nested,
+                ];
+                let mut sign = vec!["sign", "--secret", SECRET];
+                sign.extend(flags);
+                sign.push(CANONICAL_BODY);
+                let (code, out, err) = run_cli(&sign, None, &[]);
+                assert_eq!(code, 0, "{flags:?}: {err}");
+                let signature = out.trim().to_string();
+                assert!(
+                    signatures.insert(signature.clone()),
+                    "{flags:?} signs like another combination"
+                );
+                let mut verify = vec!["verify", "--secret", SECRET, "--signature", &signature];
+                verify.extend(flags);
+                verify.push(CANONICAL_BODY);
+                let (code, out, _) = run_cli(&verify, None, &[]);
+                assert_eq!(code, 0, "{flags:?}: {out}");
+                assert!(out.starts_with(&format!("valid ({encoding}")), "{out}");
+                // The same signature under the default settings fails and names the settings.
+                if (nulls, nested) != ("empty", "as-written") {
+                    let (code, out, _) = run_cli(
+                        &[
+                            "verify",
+                            "--secret",
+                            SECRET,
+                            "--signature",
+                            &signature,
+                            CANONICAL_BODY,
+                        ],
+                        None,
+                        &[],
+                    );
+                    assert_eq!(code, 1, "{flags:?}: {out}");
+                    assert!(out.contains("but valid with"), "{flags:?}: {out}");
+                }
+            }
+        }
+    }
+    assert_eq!(signatures.len(), 12);
+}
+
+#[test]
+fn config_is_offered_only_on_serve_and_check_config() {
+    for args in [
+        &["sign", "--secret", "k", "--config", "x.toml", "{}"][..],
+        &[
+            "verify",
+            "--secret",
+            "k",
+            "--signature",
+            "x",
+            "--config",
+            "x.toml",
+        ],
+        &[
+            "send",
+            "http://127.0.0.1:1/",
+            "--secret",
+            "k",
+            "--config",
+            "x.toml",
+        ],
+        &["--config", "x.toml", "sign", "--secret", "k", "{}"],
+    ] {
+        let (code, _, err) = run_cli(args, None, &[]);
+        assert_eq!(code, 2, "{args:?}");
+        assert!(err.contains("--config"), "{args:?}: {err}");
+    }
+    // LFGUARD_CONFIG (set in the image) does not disturb the other subcommands.
+    let (code, out, err) = run_cli(
+        &["sign", "--secret", SECRET, SEED_BODY],
+        None,
+        &[("LFGUARD_CONFIG", "/nonexistent/lfguard.toml")],
+    );
+    assert_eq!(
+        (code, out.trim()),
+        (0, "MWExNWQ3YTY0YTNhNDU5YWY3N2M2NjE4YjlhMGE3NzM="),
+        "{err}"
+    );
+    // `lfguard --config PATH` with no subcommand is `serve` (the benchmarks and the image use it):
+    // it reads the file, here a missing one.
+    let (code, _, err) = run_cli(&["--config", "/nonexistent/lfguard.toml"], None, &[]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("/nonexistent/lfguard.toml"), "{err}");
+}
+
+#[test]
+fn lfguard_without_a_subcommand_serves() {
+    let backend = Backend::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("lfguard.toml");
+    std::fs::write(
+        &config_path,
+        toml::to_string(&base_config(&backend.url())).unwrap(),
+    )
+    .unwrap();
+    let lfguard = Lfguard::spawn_with(dir, config_path, &[], &[]);
+    assert_eq!(lfguard.post(&Callback::signed(sms_body())).status, 200);
+    assert_eq!(backend.count(), 1);
+}
+
+/// The subcommands `lfguard --help` lists.
+fn subcommands() -> Vec<String> {
+    let (code, out, _) = run_cli(&["--help"], None, &[]);
+    assert_eq!(code, 0);
+    let listed: Vec<String> = out
+        .split("Commands:\n")
+        .nth(1)
+        .expect("a Commands section")
+        .lines()
+        .take_while(|line| line.starts_with("  "))
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_string)
+        .collect();
+    assert!(listed.len() >= 5, "{out}");
+    listed
+}
+
+#[test]
+fn every_flag_argument_and_value_has_help_and_every_subcommand_examples() {
+    let mut commands = subcommands();
+    commands.push(String::new());
+    let mut missing = Vec::new();
+    for command in &commands {
+        let mut args: Vec<&str> = Vec::new();
+        if !command.is_empty() {
+            args.push(command);
+        }
+        args.push("--help");
+        let (code, out, _) = run_cli(&args, None, &[]);
+        assert_eq!(code, 0, "{args:?}");
+        if !out.contains("\nExamples:\n  lfguard ") {
+            missing.push(format!("{command}: no examples"));
+        }
+        // Each flag or argument starts a line indented 2 or 6, followed by its help on the same
+        // line or on the next, indented 10; a value of a list is `- name: help`.
+        let lines: Vec<&str> = out.lines().collect();
+        let sections = ["Arguments:", "Options:"];
+        let mut in_section = false;
+        for (i, line) in lines.iter().enumerate() {
+            if sections.contains(line) {
+                in_section = true;
+                continue;
+            }
+            if !line.starts_with(' ') && !line.is_empty() {
+                in_section = false;
+            }
+            if !in_section {
+                continue;
+            }
+            let indent = line.len() - line.trim_start().len();
+            if indent == 2 || indent == 6 {
+                // `--flag <V>  help` on one line, or the help on the next lines (indented 10).
+                let helpful = |text: &str| {
+                    let text = text.trim();
+                    !text.is_empty() && !text.starts_with('[') && !text.starts_with("Possible")
+                };
+                let same_line = line
+                    .trim()
+                    .split_once("  ")
+                    .is_some_and(|(_, help)| helpful(help));
+                let next_line = lines
+                    .get(i + 1)
+                    .is_some_and(|next| next.starts_with(&" ".repeat(10)) && helpful(next));
+                if !(same_line || next_line) {
+                    missing.push(format!("{command}: {}", line.trim()));
+                }
+            }
+            if let Some(value) = line.trim().strip_prefix("- ") {
+                let help = value.split_once(':').map(|(_, help)| help.trim());
+                if help.is_none_or(str::is_empty) {
+                    missing.push(format!("{command}: value {value}"));
+                }
+            }
+        }
+    }
+    assert!(missing.is_empty(), "{missing:#?}");
+}

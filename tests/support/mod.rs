@@ -314,9 +314,19 @@ impl Lfguard {
 
     /// Starts on an existing config file (kept in `dir`).
     pub fn spawn(dir: tempfile::TempDir, config_path: PathBuf, env: &[(&str, &str)]) -> Lfguard {
+        Lfguard::spawn_with(dir, config_path, &["serve"], env)
+    }
+
+    /// `spawn` with `leading` arguments before `--config PATH` (`&[]`: no subcommand).
+    pub fn spawn_with(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        leading: &[&str],
+        env: &[(&str, &str)],
+    ) -> Lfguard {
         let mut command = Command::new(binary());
         command
-            .arg("serve")
+            .args(leading)
             .arg("--config")
             .arg(&config_path)
             .env_remove("RUST_LOG")
