@@ -450,3 +450,70 @@ fn every_flag_argument_and_value_has_help_and_every_subcommand_examples() {
     }
     assert!(missing.is_empty(), "{missing:#?}");
 }
+
+#[test]
+fn echo_prints_what_serve_forwards_from_send() {
+    let mut echo = Echo::start(&[]);
+    let lfguard = Lfguard::start_with(base_config(&echo.url()), &[]);
+    let url = format!("http://{}/linksfield/sms-uplink?source=test", lfguard.addr);
+    let body = sms_body();
+    let (code, out, err) = run_cli(&["send", &url, "--secret", SECRET, &body], None, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("200\n"), "{out}");
+    assert!(
+        out.contains(r#"{"request":1,"status":200}"#),
+        "echo's answer: {out}"
+    );
+    let printed = echo.wait_for_output(|text| text.contains(&body));
+    for expected in [
+        "--- request 1 from 127.0.0.1:",
+        ", answered 200\n",
+        "\nPOST /linksfield/sms-uplink?source=test HTTP/1.1\n",
+        "\ncontent-type: application/json\n",
+        "\nx-lfguard-verified: true\n",
+        &format!("\nx-lfguard-partner-code: {PARTNER}\n"),
+        &format!("\n\n{body}\n"),
+    ] {
+        assert!(
+            printed.contains(expected),
+            "{expected:?} not in:\n{printed}"
+        );
+    }
+    echo.signal("TERM");
+    assert_eq!(echo.wait_exit(), Some(0), "echo exits cleanly on SIGTERM");
+}
+
+#[test]
+fn echo_status_is_what_the_pipeline_sees() {
+    let echo = Echo::start(&["--status", "503"]);
+    let lfguard = Lfguard::start_with(base_config(&echo.url()), &[]);
+    let url = format!("http://{}/callback", lfguard.addr);
+    let (code, out, _) = run_cli(
+        &["send", &url, "--secret", SECRET, "--partner", PARTNER],
+        None,
+        &[],
+    );
+    assert_eq!(code, 1, "a 503 is a failure for send: {out}");
+    assert!(out.starts_with("503\n"), "{out}");
+    assert!(out.contains(r#""status":503"#), "echo's own answer: {out}");
+    let printed = echo.wait_for_output(|text| text.contains("x-lfguard-verified: true"));
+    assert!(printed.contains(", answered 503\n"), "{printed}");
+    // Straight to echo, without lfguard: the same status, and the request printed as received.
+    let (code, out, _) = run_cli(
+        &["send", &format!("{}/direct", echo.url()), "--secret", "k"],
+        None,
+        &[],
+    );
+    assert_eq!((code, out.lines().next()), (1, Some("503")), "{out}");
+    let printed = echo.wait_for_output(|text| text.contains("--- request 2 "));
+    assert!(printed.contains("\nPOST /direct HTTP/1.1\n"), "{printed}");
+}
+
+#[test]
+fn echo_refuses_a_status_that_is_not_a_final_http_status() {
+    for status in ["99", "1000", "abc"] {
+        let (code, _, err) = run_cli(&["echo", "--status", status], None, &[]);
+        assert_eq!(code, 2, "{status}: {err}");
+        assert!(err.contains("--status"), "{err}");
+    }
+}

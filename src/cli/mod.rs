@@ -1,6 +1,6 @@
 //! The command line: the subcommands and their flags, and what they share (the secret, the body,
 //! the canonicalisation flags). Each subcommand lives in its own file: `sign` (sign and verify),
-//! `send`; `main.rs` runs `serve` and `check-config`.
+//! `send` and `echo`; `main.rs` runs `serve` and `check-config`.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -9,9 +9,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::verify::signature::{Body, Encoding, NestedValues, NullValues};
 
+pub mod echo;
 pub mod send;
 pub mod sign;
 
+pub use self::echo::{EchoArgs, echo};
 pub use self::send::{SendArgs, send};
 pub use self::sign::{SignArgs, VerifyArgs, sign, verify};
 
@@ -27,6 +29,7 @@ pub use self::sign::{SignArgs, VerifyArgs, sign, verify};
 Examples:
   lfguard serve --config config/lfguard.toml       run the proxy
   lfguard --config config/lfguard.toml             the same (serve is the default)
+  lfguard echo                                     a backend that prints what it receives
   lfguard send http://127.0.0.1:8080/callback --secret dev-only-change-me
   lfguard help sign                                the flags and examples of one subcommand"
 )]
@@ -89,6 +92,17 @@ Examples:
   lfguard send http://127.0.0.1:8080/callback --secret dev-only-change-me --count 1000 --concurrency 8
                                                    a bounded load run: throughput, latency, statuses")]
     Send(SendArgs),
+    /// Run a backend that prints every request it receives and answers 200 (or --status).
+    #[command(after_help = "\
+Examples:
+  lfguard echo                                     on 127.0.0.1:8081, the shipped config's upstream
+  lfguard echo --status 503                        see how a pipeline handles a failing backend
+  lfguard echo --listen 127.0.0.1:0                any free port (printed as \"listening on ADDR\")
+Try the sidecar by hand, in three terminals:
+  lfguard echo
+  lfguard serve --config config/lfguard.toml
+  lfguard send http://127.0.0.1:8080/callback --secret dev-only-change-me")]
+    Echo(EchoArgs),
 }
 
 /// The configuration file, for `serve` and `check-config`.
