@@ -68,6 +68,7 @@ const LAYERS: &[(&str, Layer)] = &[
     ("server::signals", Server),
     ("config", Server),
     ("cli", Cli),
+    ("cli::demo", Cli),
     ("cli::echo", Cli),
     ("cli::send", Cli),
     ("cli::sign", Cli),

@@ -517,3 +517,86 @@ fn echo_refuses_a_status_that_is_not_a_final_http_status() {
         assert!(err.contains("--status"), "{err}");
     }
 }
+
+#[test]
+fn demo_shows_each_kind_of_callback_handled_as_expected() {
+    let (code, out, err) = run_cli(&["demo"], None, &[("RUST_LOG", "debug")]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.is_empty(), "nothing on stderr: {err}");
+    assert!(
+        !out.lines()
+            .any(|line| line.trim_start().starts_with("{\"") && line.contains("\"level\"")),
+        "no log lines in the table: {out}"
+    );
+    // The table: a header, a rule of dashes per column, then one row per callback.
+    let lines: Vec<&str> = out.lines().collect();
+    let header = lines
+        .iter()
+        .position(|line| line.starts_with("case "))
+        .unwrap_or_else(|| panic!("no table header in:\n{out}"));
+    let rule = lines[header + 1];
+    let mut starts = vec![0];
+    starts.extend(rule.match_indices("  -").map(|(at, _)| at + 2));
+    assert_eq!(starts.len(), 4, "four columns: {rule}");
+    let cells = |line: &str| -> Vec<String> {
+        (0..starts.len())
+            .map(|i| {
+                let end = starts.get(i + 1).copied().unwrap_or(line.len());
+                line.get(starts[i]..end.min(line.len()))
+                    .unwrap_or("")
+                    .trim()
+                    .to_string()
+            })
+            .collect()
+    };
+    assert_eq!(
+        cells(lines[header]),
+        ["case", "sent", "lfguard answered", "backend received"]
+    );
+    let rows: Vec<Vec<String>> = lines[header + 2..header + 7]
+        .iter()
+        .map(|l| cells(l))
+        .collect();
+    let expected = [
+        ("genuine", "200 forwarded"),
+        ("forged", "401 bad_signature"),
+        // The shipped config acknowledges a copy of a delivered callback (on_duplicate).
+        ("replayed", "200 duplicate"),
+        ("stale", "401 stale"),
+        ("ambiguous", "400 ambiguous_body"),
+    ];
+    for (row, (case, answer)) in rows.iter().zip(expected) {
+        assert_eq!((row[0].as_str(), row[2].as_str()), (case, answer), "{out}");
+        if case == "genuine" {
+            assert_eq!(
+                row[3], "the body as sent, with x-lfguard-verified: true",
+                "{out}"
+            );
+        } else {
+            assert_eq!(row[3], "nothing", "{case}: {out}");
+        }
+        assert!(!row[1].is_empty(), "what was sent: {out}");
+    }
+    assert!(
+        lines.get(header + 7).is_none_or(|line| line.is_empty()),
+        "five rows: {out}"
+    );
+    assert!(out.contains("text_message \"hi&zzz=1\""), "{out}");
+    assert!(
+        out.contains(r#""text_message":"hi&zzz=1""#),
+        "the ambiguous body: {out}"
+    );
+    let backend_block = out
+        .split("What the backend received for the genuine callback:\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no backend block: {out}"));
+    assert!(
+        backend_block.contains("\n  x-lfguard-verified: true\n"),
+        "{backend_block}"
+    );
+    assert!(
+        out.trim_end()
+            .ends_with("5 of 5 callbacks handled as expected."),
+        "{out}"
+    );
+}

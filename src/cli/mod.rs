@@ -1,6 +1,6 @@
 //! The command line: the subcommands and their flags, and what they share (the secret, the body,
 //! the canonicalisation flags). Each subcommand lives in its own file: `sign` (sign and verify),
-//! `send` and `echo`; `main.rs` runs `serve` and `check-config`.
+//! `send`, `echo` and `demo`; `main.rs` runs `serve` and `check-config`.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -9,10 +9,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::verify::signature::{Body, Encoding, NestedValues, NullValues};
 
+pub mod demo;
 pub mod echo;
 pub mod send;
 pub mod sign;
 
+pub use self::demo::demo;
 pub use self::echo::{EchoArgs, echo};
 pub use self::send::{SendArgs, send};
 pub use self::sign::{SignArgs, VerifyArgs, sign, verify};
@@ -27,6 +29,7 @@ pub use self::sign::{SignArgs, VerifyArgs, sign, verify};
     args_conflicts_with_subcommands = true,
     after_help = "\
 Examples:
+  lfguard demo                                     see what lfguard accepts and refuses
   lfguard serve --config config/lfguard.toml       run the proxy
   lfguard --config config/lfguard.toml             the same (serve is the default)
   lfguard echo                                     a backend that prints what it receives
@@ -103,6 +106,17 @@ Try the sidecar by hand, in three terminals:
   lfguard serve --config config/lfguard.toml
   lfguard send http://127.0.0.1:8080/callback --secret dev-only-change-me")]
     Echo(EchoArgs),
+    /// Show what lfguard does with five callbacks, with nothing else running.
+    ///
+    /// Starts a recording backend and lfguard (the shipped configuration) in-process on free
+    /// loopback ports, sends a genuine, a forged, a replayed, a stale and an ambiguous callback,
+    /// and prints what was sent, what lfguard answered and what the backend received. Exits 0
+    /// when every callback is handled as expected, 1 otherwise.
+    #[command(after_help = "\
+Examples:
+  lfguard demo                                     nothing else needs to run; ports are chosen free
+  lfguard demo && echo 'lfguard works'             exit 0 when every row is as expected, 1 if not")]
+    Demo,
 }
 
 /// The configuration file, for `serve` and `check-config`.
