@@ -600,3 +600,15 @@ fn demo_shows_each_kind_of_callback_handled_as_expected() {
         "{out}"
     );
 }
+
+#[test]
+fn send_names_why_it_could_not_connect() {
+    let url = format!("http://127.0.0.1:{}/callback", free_port());
+    let (code, out, err) = run_cli(&["send", &url, "--secret", SECRET], None, &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(err.starts_with(&format!("lfguard: {url}: ")), "{err}");
+    assert!(
+        err.contains("refused"),
+        "the cause, not just 'client error': {err}"
+    );
+}

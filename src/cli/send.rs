@@ -147,7 +147,7 @@ pub async fn send(args: &SendArgs) -> Result<bool, String> {
         let response = client
             .request(request_for(build(0)?)?)
             .await
-            .map_err(|err| format!("{}: {err}", args.url))?;
+            .map_err(|err| format!("{}: {}", args.url, with_causes(&err)))?;
         let status = response.status();
         let body = response
             .into_body()
@@ -198,6 +198,22 @@ pub async fn send(args: &SendArgs) -> Result<bool, String> {
     Ok(samples
         .iter()
         .all(|(status, _)| status.is_some_and(|s| (200..300).contains(&s))))
+}
+
+/// An error and its causes, `outer: inner: …`: the client's own message ("client error
+/// (Connect)") does not say what went wrong.
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 fn print_summary(samples: &[(Option<u16>, Duration)], elapsed: Duration) {
