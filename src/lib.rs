@@ -4,7 +4,7 @@
 //! Layers, each importing only from the layers below it (`tests/architecture.rs` checks this):
 //!
 //! ```text
-//! cli                 command line: sign, verify, send, check-config
+//! cli                 command line: sign, verify, send, echo, demo, check-config
 //!  ↑
 //! server, config      listeners, connections, signals, reload, admin; `config` composes the
 //!  ↑                  sections that the modules below own and validate

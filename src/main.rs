@@ -9,34 +9,35 @@ use std::process::ExitCode;
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use clap::Parser;
-use lfguard::cli::{self, Cli, Command};
+use lfguard::cli::{self, Cli, Command, ConfigArg};
 use lfguard::config::{self, Config};
 
 /// EX_USAGE from sysexits.h: the configuration is invalid.
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command.as_ref().unwrap_or(&Command::Serve) {
-        Command::Serve => match load(&cli) {
-            Ok(config) => serve(config, cli.config.clone()),
+    match Cli::parse().into_command() {
+        Command::Serve(args) => match load(&args) {
+            Ok(config) => serve(config, args.config),
             Err(code) => code,
         },
-        Command::CheckConfig => match load(&cli) {
+        Command::CheckConfig(args) => match load(&args) {
             Ok(config) => {
                 print!("{}", config.redacted_toml());
                 ExitCode::SUCCESS
             }
             Err(code) => code,
         },
-        Command::Sign(args) => report(cli::sign(args).map(|()| true)),
-        Command::Verify(args) => report(cli::verify(args)),
-        Command::Send(args) => report(runtime(0).block_on(cli::send(args))),
+        Command::Sign(args) => report(cli::sign(&args).map(|()| true)),
+        Command::Verify(args) => report(cli::verify(&args)),
+        Command::Send(args) => report(runtime(0).block_on(cli::send(&args))),
+        Command::Echo(args) => report(runtime(1).block_on(cli::echo(&args)).map(|()| true)),
+        Command::Demo => report(runtime(0).block_on(cli::demo())),
     }
 }
 
-fn load(cli: &Cli) -> Result<Config, ExitCode> {
-    config::load(cli.config.as_deref()).map_err(|err| {
+fn load(args: &ConfigArg) -> Result<Config, ExitCode> {
+    config::load(args.config.as_deref()).map_err(|err| {
         eprint!("lfguard: {err}");
         ExitCode::from(EXIT_CONFIG)
     })

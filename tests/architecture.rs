@@ -68,6 +68,10 @@ const LAYERS: &[(&str, Layer)] = &[
     ("server::signals", Server),
     ("config", Server),
     ("cli", Cli),
+    ("cli::demo", Cli),
+    ("cli::echo", Cli),
+    ("cli::send", Cli),
+    ("cli::sign", Cli),
 ];
 
 /// Modules that must not reach for I/O, a clock or tokio, whatever they import.

@@ -65,6 +65,34 @@ fn admin_endpoints_answer_and_metrics_pass_promtool() {
         sample(&text, "lfguard_build_info{version=\"0.1.0\"}"),
         Some(1.0)
     );
+    // The standard process collector, so the usual dashboards work.
+    for series in [
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+        "process_threads",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {series} ")),
+            "no {series} in /metrics:\n{text}"
+        );
+    }
+    let positive = |series: &str| {
+        let value = sample(&text, series).unwrap_or_else(|| panic!("no {series} sample"));
+        assert!(value > 0.0, "{series} = {value}");
+        value
+    };
+    assert!(positive("process_resident_memory_bytes") > 1_000_000.0);
+    assert!(positive("process_open_fds") <= positive("process_max_fds"));
+    let now = now_millis() as f64 / 1000.0;
+    let started = positive("process_start_time_seconds");
+    assert!(
+        started <= now && now - started < 600.0,
+        "lfguard started {started}, now {now}"
+    );
 }
 
 #[test]

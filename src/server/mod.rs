@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioTimer;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Config;
 use crate::proxy::framing::Watched;
@@ -43,9 +43,30 @@ const ADMIN_MAX_BUF_BYTES: usize = 8192;
 const ADMIN_MAX_HEADERS: usize = 32;
 const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The addresses lfguard listens on (the ports the OS chose where the config says port 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+}
+
 /// Runs lfguard until a shutdown signal, then drains. Returns once every connection closed or
 /// `server.shutdown_grace` passed.
 pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), String> {
+    start(config, config_path, None).await
+}
+
+/// `run`, sending the bound addresses on `ready` once lfguard serves: how a caller in the same
+/// process (`lfguard demo`) learns its ephemeral ports without reading the logs.
+pub async fn run_reporting(config: Config, ready: oneshot::Sender<Bound>) -> Result<(), String> {
+    start(config, None, Some(ready)).await
+}
+
+async fn start(
+    config: Config,
+    config_path: Option<PathBuf>,
+    ready: Option<oneshot::Sender<Bound>>,
+) -> Result<(), String> {
     let config = Arc::new(config);
     let secrets = reload::secrets_of(&config).map_err(|problems| problems.join("; "))?;
     for (code, partner) in &config.partners {
@@ -76,6 +97,10 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Str
 
     let proxy_listener = bind(config.server.listen, "proxy").await?;
     let admin_listener = bind(config.server.admin_listen, "admin").await?;
+    let bound = Bound {
+        proxy: local_addr(&proxy_listener, "proxy")?,
+        admin: local_addr(&admin_listener, "admin")?,
+    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin = Arc::new(Admin::new(shared.clone()));
@@ -102,6 +127,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Str
         upstream = %config.upstream.url,
         "ready"
     );
+    if let Some(ready) = ready {
+        let _ = ready.send(bound);
+    }
     serve_proxy(
         proxy_listener,
         proxy,
@@ -136,12 +164,16 @@ async fn bind(addr: SocketAddr, name: &'static str) -> Result<TcpListener, Strin
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|err| format!("cannot listen on {addr} ({name}): {err}"))?;
-    let local = listener
-        .local_addr()
-        .map_err(|err| format!("{name} listener: {err}"))?;
+    let local = local_addr(&listener, name)?;
     // Tests and scripts read this event to learn an ephemeral port.
     tracing::info!(listener = name, addr = %local, "listening");
     Ok(listener)
+}
+
+fn local_addr(listener: &TcpListener, name: &'static str) -> Result<SocketAddr, String> {
+    listener
+        .local_addr()
+        .map_err(|err| format!("{name} listener: {err}"))
 }
 
 fn http1_builder(config: &Config) -> http1::Builder {

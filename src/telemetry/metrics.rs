@@ -1,6 +1,7 @@
 //! Prometheus metrics in the Prometheus text format. The partner label is only ever a
 //! configured partner code (or `other`), so a flood of random partner codes cannot grow the
-//! series count.
+//! series count. On Linux the standard `process_*` series (resident memory, CPU seconds, open
+//! and max file descriptors, start time, threads) come from the prometheus crate's collector.
 
 use std::time::Duration;
 
@@ -198,6 +199,13 @@ impl Metrics {
                 .register(collector)
                 .expect("metric names are unique");
         }
+        // Read from /proc at scrape time, so the usual process dashboards and alerts work.
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process metric names are unique");
         Metrics {
             registry,
             requests,

@@ -314,9 +314,19 @@ impl Lfguard {
 
     /// Starts on an existing config file (kept in `dir`).
     pub fn spawn(dir: tempfile::TempDir, config_path: PathBuf, env: &[(&str, &str)]) -> Lfguard {
+        Lfguard::spawn_with(dir, config_path, &["serve"], env)
+    }
+
+    /// `spawn` with `leading` arguments before `--config PATH` (`&[]`: no subcommand).
+    pub fn spawn_with(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        leading: &[&str],
+        env: &[(&str, &str)],
+    ) -> Lfguard {
         let mut command = Command::new(binary());
         command
-            .arg("serve")
+            .args(leading)
             .arg("--config")
             .arg(&config_path)
             .env_remove("RUST_LOG")
@@ -469,6 +479,110 @@ impl Lfguard {
 }
 
 impl Drop for Lfguard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------- lfguard echo
+
+/// A running `lfguard echo` process: its address and what it printed.
+pub struct Echo {
+    pub addr: SocketAddr,
+    child: Child,
+    output: Arc<(Mutex<String>, Condvar)>,
+}
+
+impl Echo {
+    /// Starts `lfguard echo --listen 127.0.0.1:0` with `extra` arguments and waits for its
+    /// `listening on ADDR` line.
+    pub fn start(extra: &[&str]) -> Echo {
+        let mut child = Command::new(binary())
+            .args(["echo", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("lfguard echo starts");
+        let stdout = child.stdout.take().unwrap();
+        let output = Arc::new((Mutex::new(String::new()), Condvar::new()));
+        {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    let (text, arrived) = &*output;
+                    let mut text = text.lock().unwrap();
+                    text.push_str(&line);
+                    text.push('\n');
+                    arrived.notify_all();
+                }
+            });
+        }
+        let mut echo = Echo {
+            addr: "0.0.0.0:0".parse().unwrap(),
+            child,
+            output,
+        };
+        let printed = echo.wait_for_output(|text| text.contains('\n'));
+        echo.addr = printed
+            .lines()
+            .next()
+            .and_then(|line| line.strip_prefix("listening on "))
+            .unwrap_or_else(|| panic!("no 'listening on ADDR' line: {printed}"))
+            .parse()
+            .unwrap();
+        echo
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Everything printed so far.
+    pub fn output(&self) -> String {
+        self.output.0.lock().unwrap().clone()
+    }
+
+    /// Waits until what was printed satisfies `done`, and returns it.
+    pub fn wait_for_output(&self, done: impl Fn(&str) -> bool) -> String {
+        let (text, arrived) = &*self.output;
+        let guard = text.lock().unwrap();
+        let (guard, timeout) = arrived
+            .wait_timeout_while(guard, IO_TIMEOUT, |text| !done(text))
+            .unwrap();
+        assert!(!timeout.timed_out(), "lfguard echo printed only:\n{guard}");
+        guard.clone()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = std::time::Instant::now() + IO_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "lfguard echo did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Echo {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
