@@ -6,6 +6,9 @@
 #   docker run --rm -p 8080:8080 -p 9090:9090 \
 #     -v "$PWD/my-lfguard.toml:/etc/lfguard/lfguard.toml:ro" registry.example.com/lfguard:0.1.0
 #
+# docs/docker-systemd.md shows how to run it: mounting a config and a partners directory, and
+# reaching a backend outside the container.
+#
 # BuildKit (the default builder since Docker 23) keeps the cargo registry and target directory
 # in cache mounts between builds, so only changed crates are recompiled.
 

@@ -159,10 +159,11 @@ fn assert_overloaded(response: &Response) {
 
 // ---------------------------------------------------------------- memory arithmetic
 
-/// What lfguard holds with nothing going on: measured 6.7–7.0 MiB (README "Performance", release
+/// What lfguard holds with nothing going on: measured 6.7–7.0 MiB (docs/performance.md, release
 /// build); counted with a margin.
 const BASELINE: u64 = 8 * MIB;
-/// The memory replay store's cost of a key, with the map's bookkeeping (README "Replay").
+/// The memory replay store's cost of a key, with the map's bookkeeping (docs/verification.md,
+/// "Replay stores").
 const REPLAY_KEY_BYTES: u64 = 120;
 /// A connection's task: hyper's connection state, the service future, the peer and the registry
 /// entry.
@@ -170,7 +171,7 @@ const CONNECTION_TASK: u64 = 8 * KIB;
 /// The backend connection of a request in progress: hyper's 8 KiB read buffer and 8 KiB buffer
 /// for the request head (the backend is lfguard's own, its answers small).
 const BACKEND_CONNECTION: u64 = 16 * KIB;
-/// The admin port's hyper buffers (src/server.rs `ADMIN_MAX_BUF_BYTES`).
+/// The admin port's hyper buffers (src/server/mod.rs `ADMIN_MAX_BUF_BYTES`).
 const ADMIN_BUFFER: u64 = 8 * KIB;
 /// Worker threads counted for `worker_threads = 0`: the pod's 500m CPU limit gives one.
 const WORKERS_WHEN_AUTOMATIC: u64 = 2;

@@ -390,15 +390,15 @@ fn a_route_naming_a_missing_schema_is_a_configuration_error() {
 }
 
 #[test]
-fn the_readme_schema_example_is_the_shipped_one_and_a_valid_route() {
-    let readme = include_str!("../README.md");
-    let block = readme
+fn the_documented_schema_example_is_the_shipped_one_and_a_valid_route() {
+    let page = include_str!("../docs/verification.md");
+    let block = page
         .split("```toml\n")
         .skip(1)
         .map(|rest| rest.split("```").next().unwrap())
         .find(|block| block.contains("[schemas.sms_uplink]"))
-        .expect("README shows the SMS uplink schema");
-    let example: toml::Table = block.parse().expect("the README example is TOML");
+        .expect("docs/verification.md shows the SMS uplink schema");
+    let example: toml::Table = block.parse().expect("the documented example is TOML");
     let shipped: toml::Table = include_str!("../config/lfguard.toml").parse().unwrap();
     assert_eq!(example["schemas"], shipped["schemas"]);
 

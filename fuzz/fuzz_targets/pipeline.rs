@@ -1,5 +1,5 @@
-//! The verification pipeline up to the forward, without I/O (README "How a request is handled",
-//! steps 4-8): content type -> body reader -> `partner_code` -> canonical string -> signature check
+//! The verification pipeline up to the forward, without I/O (docs/verification.md, "How a request
+//! is handled", steps 4-8): content type -> body reader -> `partner_code` -> canonical string -> signature check
 //! against the partner's secrets under the configured encoding -> freshness -> replay key.
 //!
 //! Input layout: `[flags][sig_len][arrived: 4 bytes][sig_len signature bytes][body...]`.

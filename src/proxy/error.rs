@@ -116,7 +116,8 @@ impl Rejection {
         }
     }
 
-    /// The stable machine-readable code of the README's error table, also the `code` label in logs and metrics.
+    /// The stable machine-readable code of the error table in docs/verification.md, also the
+    /// `code` label in logs and metrics.
     pub fn code(&self) -> &'static str {
         match self {
             Rejection::MalformedRequest(_) => "malformed_request",

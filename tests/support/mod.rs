@@ -634,7 +634,7 @@ impl Redis {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server is installed (the README's test command installs it)");
+            .expect("redis-server is installed (scripts/test installs it)");
         self.child = Some(child);
         let deadline = std::time::Instant::now() + START_TIMEOUT;
         loop {

@@ -565,7 +565,7 @@ mod tests {
         let claimed = decode_header(upper_hex.as_bytes(), Encoding::Auto).unwrap();
         assert!(
             !claimed.matches(&digest),
-            "hex digest is lowercase by contract"
+            "the hex digest is lowercase, as in Linksfield's example (docs/verification.md)"
         );
     }
 
