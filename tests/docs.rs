@@ -542,7 +542,6 @@ fn getting_started_runs_with_a_stand_in_for_echo() {
 }
 
 #[test]
-#[ignore = "needs lfguard demo/echo (cli branch)"]
 fn getting_started_runs_as_written() {
     let ran = Session::new().run_page("docs/getting-started.md", |_| true);
     assert!(ran >= 7, "{ran} blocks");
