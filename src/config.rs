@@ -20,6 +20,7 @@ use crate::state::secrets;
 pub use crate::state::secrets::PartnerConfig;
 pub use crate::telemetry::logging::{LogConfig, LogFormat};
 pub use crate::verify::config::{VerifyConfig, VerifyMode};
+use crate::verify::duration::Short;
 use crate::verify::schema::Schema;
 
 /// Environment variable naming the config file when `--config` is not given.
@@ -39,7 +40,7 @@ pub struct Config {
     /// A directory with one file per partner code, one secret a line (a mounted Secret).
     pub partners_dir: Option<PathBuf>,
     /// How often `partners_dir` and `secret_files` are re-read for changes (SIGHUP reloads too).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::verify::duration")]
     pub reload_interval: Duration,
     pub partners: BTreeMap<String, PartnerConfig>,
 }
@@ -155,8 +156,8 @@ impl Config {
             problems.push(format!(
                 "replay.window: {} is shorter than verify.max_age + verify.max_skew ({}); a replay \
                  could arrive after it was forgotten but while still fresh",
-                humantime::format_duration(self.replay.window),
-                humantime::format_duration(needed)
+                Short(self.replay.window),
+                Short(needed)
             ));
         }
         problems.extend(self.replay.problems());

@@ -32,6 +32,7 @@ const LAYERS: &[(&str, Layer)] = &[
     ("verify::ambiguity", Verify),
     ("verify::config", Verify),
     ("verify::diagnose", Verify),
+    ("verify::duration", Verify),
     ("verify::freshness", Verify),
     ("verify::json_text", Verify),
     ("verify::schema", Verify),

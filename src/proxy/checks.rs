@@ -10,6 +10,7 @@ use crate::proxy::routes::RouteConfig;
 use crate::state::secrets::SecretStore;
 use crate::verify::freshness::{self, Staleness};
 use crate::verify::signature::{self, Body};
+use crate::verify::duration::Short;
 use crate::verify::{ambiguity, diagnose};
 
 impl Proxy {
@@ -96,11 +97,11 @@ impl Proxy {
                     Staleness::Unreadable => format!("{field} is not a timestamp lfguard can read"),
                     Staleness::TooOld => format!(
                         "{field} is older than {}",
-                        humantime::format_duration(verify.max_age)
+                        Short(verify.max_age)
                     ),
                     Staleness::TooNew => format!(
                         "{field} is more than {} in the future",
-                        humantime::format_duration(verify.max_skew)
+                        Short(verify.max_skew)
                     ),
                 })
             })?;
