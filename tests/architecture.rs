@@ -68,6 +68,7 @@ const LAYERS: &[(&str, Layer)] = &[
     ("server::shared", Server),
     ("server::signals", Server),
     ("config", Server),
+    ("config::problems", Server),
     ("cli", Cli),
 ];
 
