@@ -38,7 +38,9 @@ fn problems(stderr: &str) -> Vec<String> {
 fn line_about<'a>(problems: &'a [String], key: &str, source: &str, what: &str) -> &'a str {
     let about: Vec<&String> = problems
         .iter()
-        .filter(|line| line.starts_with(&format!("{key} (")) || line.starts_with(&format!("{key}:")))
+        .filter(|line| {
+            line.starts_with(&format!("{key} (")) || line.starts_with(&format!("{key}:"))
+        })
         .collect();
     assert_eq!(about.len(), 1, "one line about {key} in {problems:#?}");
     let line = about[0].as_str();
@@ -276,8 +278,7 @@ fn durations_written_longhand_are_echoed_in_the_short_form() {
         "[verify]\nmax_age = \"1day 1h\"\n[replay]\nwindow = \"2days\"\n\
          [partners.P1]\nsecrets = [\"k\"]\n",
     );
-    let (code, out, err) =
-        check_config(&config, &[("LFGUARD_UPSTREAM__TIMEOUT", "1min 30sec")]);
+    let (code, out, err) = check_config(&config, &[("LFGUARD_UPSTREAM__TIMEOUT", "1min 30sec")]);
     assert_eq!(code, 0, "{err}");
     for expected in [
         "max_age = \"25h\"",

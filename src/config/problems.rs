@@ -169,7 +169,9 @@ pub(super) fn check(tree: &Value, file: Option<&File<'_>>) -> Result<Config, Con
             None => break None,
         }
     };
-    let config = config.ok_or_else(|| ConfigError(lines.clone()))?;
+    let Some(config) = config else {
+        return Err(ConfigError(lines));
+    };
     for problem in config.problems() {
         let Some((key, message)) = problem.split_once(": ") else {
             lines.push(problem);
@@ -229,7 +231,10 @@ fn describe(kind: &Kind, value: Option<&Value>, secret: bool) -> String {
         Kind::USizeOutOfRange(number) => format!("{number} is out of range"),
         Kind::Unsupported(actual) => format!("unsupported value: {}", found(actual)),
         Kind::UnsupportedKey(actual, wanted) => {
-            format!("unsupported key: expected {wanted}, found {}", found(actual))
+            format!(
+                "unsupported key: expected {wanted}, found {}",
+                found(actual)
+            )
         }
     }
 }
@@ -365,14 +370,19 @@ members.imsi = { type = \"string\" }
         ] {
             assert_eq!(file.line(&path(key)), Some(line), "{key}");
         }
-        assert_eq!(file.line(&path("routes[0]")).map(|line| line > 4), Some(true));
+        assert_eq!(
+            file.line(&path("routes[0]")).map(|line| line > 4),
+            Some(true)
+        );
         assert_eq!(file.line(&path("server.admin_listen")), None);
         assert_eq!(file.line(&path("routes[2]")), None);
     }
 
     #[test]
     fn a_syntax_error_is_one_line_with_its_line_number() {
-        let err = File::parse(Path::new("f.toml"), "a = 1\nb = \n").err().unwrap();
+        let err = File::parse(Path::new("f.toml"), "a = 1\nb = \n")
+            .err()
+            .unwrap();
         assert_eq!(err.0.len(), 1);
         assert!(err.0[0].starts_with("f.toml:2: not valid TOML: "), "{err}");
         assert!(!err.0[0].contains('\n'));

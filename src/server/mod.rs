@@ -20,9 +20,9 @@ use crate::proxy::{Peer, Proxy, Settings};
 use crate::server::admin::Admin;
 use crate::server::connections::Connections;
 use crate::server::shared::Shared;
-use crate::verify::duration::Short;
 use crate::state::replay::AnyStore;
 use crate::telemetry::metrics::Metrics;
+use crate::verify::duration::Short;
 
 pub mod admin;
 pub mod config;

@@ -107,7 +107,11 @@ mod tests {
             ("1h 30m", 5400),
             ("1h30m", 5400),
         ] {
-            assert_eq!(parse(written), Ok(Duration::from_secs(seconds)), "{written}");
+            assert_eq!(
+                parse(written),
+                Ok(Duration::from_secs(seconds)),
+                "{written}"
+            );
         }
         assert!(parse("soon").is_err());
         assert!(parse("").is_err());
