@@ -20,7 +20,10 @@ use crate::state::secrets;
 pub use crate::state::secrets::PartnerConfig;
 pub use crate::telemetry::logging::{LogConfig, LogFormat};
 pub use crate::verify::config::{VerifyConfig, VerifyMode};
+use crate::verify::duration::Short;
 use crate::verify::schema::Schema;
+
+mod problems;
 
 /// Environment variable naming the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "LFGUARD_CONFIG";
@@ -39,7 +42,7 @@ pub struct Config {
     /// A directory with one file per partner code, one secret a line (a mounted Secret).
     pub partners_dir: Option<PathBuf>,
     /// How often `partners_dir` and `secret_files` are re-read for changes (SIGHUP reloads too).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::verify::duration")]
     pub reload_interval: Duration,
     pub partners: BTreeMap<String, PartnerConfig>,
 }
@@ -61,13 +64,16 @@ impl Default for Config {
     }
 }
 
-/// Every problem found in a configuration, each naming its key.
+/// Every problem found in a configuration, one line each, naming its key and its source.
 #[derive(Debug)]
 pub struct ConfigError(pub Vec<String>);
 
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "invalid configuration:")?;
+        match self.0.len() {
+            1 => writeln!(f, "invalid configuration (1 problem):")?,
+            count => writeln!(f, "invalid configuration ({count} problems):")?,
+        }
         for problem in &self.0 {
             writeln!(f, "  - {problem}")?;
         }
@@ -77,11 +83,11 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// The figment of defaults, the file (when given) and the environment.
-pub fn figment(path: Option<&Path>) -> Figment {
+/// The figment of defaults, the file's text (when there is a file) and the environment.
+fn figment(file_text: Option<&str>) -> Figment {
     let mut figment = Figment::from(Serialized::defaults(Config::default()));
-    if let Some(path) = path {
-        figment = figment.merge(Toml::file_exact(path));
+    if let Some(text) = file_text {
+        figment = figment.merge(Toml::string(text));
     }
     figment.merge(env_provider())
 }
@@ -89,62 +95,87 @@ pub fn figment(path: Option<&Path>) -> Figment {
 /// Top-level keys that an environment variable without `__` may set.
 const TOP_LEVEL_ENV_KEYS: [&str; 2] = ["PARTNERS_DIR", "RELOAD_INTERVAL"];
 
-/// `LFGUARD_SECTION__KEY` → `section.key`. Keys are lowercased, except a partner code
-/// (`LFGUARD_PARTNERS__P002671__SECRET_ENV`), whose case is significant. Other `LFGUARD_*`
-/// variables (`LFGUARD_CONFIG`, a secret named in `secret_env`) are not configuration.
+/// The key that environment variable `name` sets: `LFGUARD_SECTION__KEY` → `section.key`. Keys
+/// are lowercased, except a partner code (`LFGUARD_PARTNERS__P002671__SECRET_ENV`), whose case
+/// is significant. Other `LFGUARD_*` variables (`LFGUARD_CONFIG`, a secret named in
+/// `secret_env`) are not configuration: `None`.
+fn env_key(name: &str) -> Option<String> {
+    const PREFIX: &str = "LFGUARD_";
+    let rest = name
+        .get(..PREFIX.len())
+        .filter(|prefix| prefix.eq_ignore_ascii_case(PREFIX))
+        .map(|_| &name[PREFIX.len()..])?;
+    if !(rest.contains("__")
+        || TOP_LEVEL_ENV_KEYS
+            .iter()
+            .any(|top| rest.eq_ignore_ascii_case(top)))
+    {
+        return None;
+    }
+    let mut parts: Vec<String> = rest.split("__").map(str::to_string).collect();
+    let is_partner = parts[0].eq_ignore_ascii_case("partners");
+    for (i, part) in parts.iter_mut().enumerate() {
+        if !(is_partner && i == 1) {
+            *part = part.to_ascii_lowercase();
+        }
+    }
+    Some(parts.join("."))
+}
+
 fn env_provider() -> Env {
-    // `lowercase(false)` must come last: figment's `filter` and `map` reset it.
-    Env::prefixed("LFGUARD_")
-        .filter(|key| {
-            key.as_str().contains("__")
-                || TOP_LEVEL_ENV_KEYS
-                    .iter()
-                    .any(|top| key.as_str().eq_ignore_ascii_case(top))
-        })
-        .map(|key| {
-            let mut parts: Vec<String> = key.as_str().split("__").map(str::to_string).collect();
-            let is_partner = parts[0].eq_ignore_ascii_case("partners");
-            for (i, part) in parts.iter_mut().enumerate() {
-                if !(is_partner && i == 1) {
-                    *part = part.to_ascii_lowercase();
-                }
-            }
-            parts.join(".").into()
-        })
+    // `lowercase(false)` must come last: figment's `filter_map` resets it.
+    Env::raw()
+        .filter_map(|name| env_key(name.as_str()).map(Into::into))
         .lowercase(false)
 }
 
-/// Loads and validates: the one entry point used by `serve` and `check-config`.
+/// Loads and validates: the one entry point used by `serve` and `check-config`. Every problem
+/// is reported, each naming its key and where it was set.
 pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-    if let Some(path) = path
-        && !path.is_file()
-    {
+    let text = match path {
+        Some(path) => Some(read_file(path)?),
+        None => None,
+    };
+    let file = match (path, &text) {
+        (Some(path), Some(text)) => Some(problems::File::parse(path, text)?),
+        _ => None,
+    };
+    let tree = figment(text.as_deref()).find_value("").map_err(|err| {
+        let at = path.map_or("environment".into(), |path| path.display().to_string());
+        ConfigError(vec![format!("{at}: {}", err.kind)])
+    })?;
+    problems::check(&tree, file.as_ref())
+}
+
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    if !path.is_file() {
         return Err(ConfigError(vec![format!(
             "config file {} does not exist or is not a file",
             path.display()
         )]));
     }
-    let config: Config = figment(path).extract().map_err(|err| {
-        ConfigError(
-            err.into_iter()
-                .map(|e| {
-                    let key = e.path.join(".");
-                    if key.is_empty() {
-                        e.to_string()
-                    } else {
-                        format!("{key}: {}", e.kind)
-                    }
-                })
-                .collect(),
-        )
-    })?;
-    config.validate()
+    std::fs::read_to_string(path).map_err(|err| {
+        ConfigError(vec![format!(
+            "config file {} cannot be read: {err}",
+            path.display()
+        )])
+    })
 }
 
 impl Config {
     /// Checks what serde cannot: ranges, relations between keys, and that the secret sources are
     /// well formed. Every problem is reported, not just the first.
     pub fn validate(self) -> Result<Self, ConfigError> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(self)
+        } else {
+            Err(ConfigError(problems))
+        }
+    }
+
+    /// What `validate` finds, each problem as `key: message`.
+    pub fn problems(&self) -> Vec<String> {
         let mut problems = self.server.problems();
         problems.extend(self.upstream.problems());
         if self.reload_interval.is_zero() {
@@ -155,8 +186,8 @@ impl Config {
             problems.push(format!(
                 "replay.window: {} is shorter than verify.max_age + verify.max_skew ({}); a replay \
                  could arrive after it was forgotten but while still fresh",
-                humantime::format_duration(self.replay.window),
-                humantime::format_duration(needed)
+                Short(self.replay.window),
+                Short(needed)
             ));
         }
         problems.extend(self.replay.problems());
@@ -169,11 +200,7 @@ impl Config {
             &self.partners,
             self.partners_dir.as_deref(),
         ));
-        if problems.is_empty() {
-            Ok(self)
-        } else {
-            Err(ConfigError(problems))
-        }
+        problems
     }
 
     /// Whether `other` differs only in what a reload applies: partners, secrets and modes.

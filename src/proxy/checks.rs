@@ -8,6 +8,7 @@ use super::Proxy;
 use crate::proxy::error::Rejection;
 use crate::proxy::routes::RouteConfig;
 use crate::state::secrets::SecretStore;
+use crate::verify::duration::Short;
 use crate::verify::freshness::{self, Staleness};
 use crate::verify::signature::{self, Body};
 use crate::verify::{ambiguity, diagnose};
@@ -94,13 +95,10 @@ impl Proxy {
             freshness::check(value, arrived, verify.max_age, verify.max_skew).map_err(|why| {
                 Rejection::Stale(match why {
                     Staleness::Unreadable => format!("{field} is not a timestamp lfguard can read"),
-                    Staleness::TooOld => format!(
-                        "{field} is older than {}",
-                        humantime::format_duration(verify.max_age)
-                    ),
+                    Staleness::TooOld => format!("{field} is older than {}", Short(verify.max_age)),
                     Staleness::TooNew => format!(
                         "{field} is more than {} in the future",
-                        humantime::format_duration(verify.max_skew)
+                        Short(verify.max_skew)
                     ),
                 })
             })?;

@@ -13,9 +13,9 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     /// Limit for receiving a request's headers; also how long an idle keep-alive connection
     /// is kept, since hyper starts this timer whenever it waits for the next request.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::verify::duration")]
     pub header_read_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::verify::duration")]
     pub body_read_timeout: Duration,
     /// Connections served at once on the proxy port. At the cap, the connection idle the longest
     /// (between requests, or still sending its headers) is closed for a new one; connections
@@ -30,10 +30,10 @@ pub struct ServerConfig {
     /// After SIGTERM, how long lfguard keeps accepting and serving (with `Connection: close`)
     /// while readiness already fails, so that load balancers and kube-proxy stop routing to it
     /// before it stops accepting.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::verify::duration")]
     pub drain_delay: Duration,
     /// Then, how long requests in progress get to finish.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::verify::duration")]
     pub shutdown_grace: Duration,
     /// Tokio worker threads; 0 means one per core.
     pub worker_threads: usize,

@@ -22,6 +22,7 @@ use crate::server::connections::Connections;
 use crate::server::shared::Shared;
 use crate::state::replay::AnyStore;
 use crate::telemetry::metrics::Metrics;
+use crate::verify::duration::Short;
 
 pub mod admin;
 pub mod config;
@@ -209,7 +210,7 @@ async fn serve_proxy(
     let (close_tx, mut close) = watch::channel(false);
     let delayed = tokio::spawn(async move {
         let _ = stop.wait_for(|stop| *stop).await;
-        tracing::info!(drain_delay = %humantime::format_duration(delay), "still accepting while the endpoint is removed");
+        tracing::info!(drain_delay = %Short(delay), "still accepting while the endpoint is removed");
         tokio::time::sleep(delay).await;
         let _ = close_tx.send(true);
     });
@@ -250,7 +251,7 @@ async fn serve_proxy(
     connections.stop_all();
     drop(live);
     let grace = config.server.shutdown_grace;
-    tracing::info!(connections = connections.open(), grace = %humantime::format_duration(grace), "draining");
+    tracing::info!(connections = connections.open(), grace = %Short(grace), "draining");
     if tokio::time::timeout(grace, drained.recv()).await.is_err() {
         tracing::warn!("shutdown grace ended with requests still in flight");
         // They are dropped with the process: logged as cut by lfguard, and their replay claims

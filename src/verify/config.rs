@@ -40,9 +40,9 @@ pub struct VerifyConfig {
     /// Accept `application/x-www-form-urlencoded` bodies. Linksfield sends JSON, and a form
     /// re-encoding of a JSON callback verifies under its signature. Overridable per route.
     pub accept_form: bool,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::verify::duration")]
     pub max_age: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::verify::duration")]
     pub max_skew: Duration,
 }
 

@@ -5,6 +5,7 @@
 pub mod ambiguity;
 pub mod config;
 pub mod diagnose;
+pub mod duration;
 pub mod freshness;
 pub mod json_text;
 pub mod schema;

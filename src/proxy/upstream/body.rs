@@ -11,6 +11,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::{Connection, Upstream};
+use crate::verify::duration::Short;
 
 /// The backend's response body, streamed through. Its connection returns to the pool once the
 /// body has been read to the end; a body dropped half-read takes its connection with it.
@@ -76,7 +77,7 @@ pub struct Deadline {
 
 /// The backend's response body did not finish within `upstream.timeout`.
 #[derive(Debug, thiserror::Error)]
-#[error("the backend's response did not finish within upstream.timeout ({0:?})")]
+#[error("the backend's response did not finish within upstream.timeout ({})", Short(self.0))]
 pub struct ResponseDeadline(pub Duration);
 
 impl Deadline {
@@ -91,7 +92,7 @@ impl Deadline {
 
     fn expired(&self) -> Poll<Option<Result<Frame<Bytes>, crate::proxy::body::BodyError>>> {
         tracing::warn!(
-            timeout = %humantime::format_duration(self.timeout),
+            timeout = %Short(self.timeout),
             "the backend's response body did not finish within upstream.timeout; the client's \
              connection is cut off"
         );

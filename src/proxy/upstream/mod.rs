@@ -24,6 +24,8 @@ use tokio::net::TcpStream;
 
 use serde::{Deserialize, Serialize};
 
+use crate::verify::duration::Short;
+
 mod body;
 
 pub use self::body::{Deadline, ResponseDeadline, UpstreamBody};
@@ -40,12 +42,12 @@ pub struct UpstreamTarget {
 pub struct UpstreamConfig {
     /// `http://host:port` with an optional path prefix; the request path is appended to it.
     pub url: String,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::verify::duration")]
     pub timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::verify::duration")]
     pub connect_timeout: Duration,
     pub pool_max_idle_per_host: usize,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::verify::duration")]
     pub pool_idle_timeout: Duration,
 }
 
@@ -237,7 +239,7 @@ struct Connection {
 pub enum UpstreamError {
     #[error("cannot connect to {authority}: {reason}")]
     Connect { authority: String, reason: String },
-    #[error("connection to {authority} timed out after {after:?}")]
+    #[error("connection to {authority} timed out after {}", Short(*after))]
     ConnectTimeout { authority: String, after: Duration },
     #[error("{0}")]
     Exchange(String),

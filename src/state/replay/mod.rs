@@ -47,7 +47,7 @@ pub enum OnDuplicate {
 pub struct ReplayConfig {
     pub store: StoreKind,
     /// How long a delivered callback is remembered; at least `max_age + max_skew`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::verify::duration")]
     pub window: Duration,
     /// Memory store: the most keys held (about 120 bytes each); the least recently used go first.
     pub capacity: u64,
