@@ -7,7 +7,7 @@ use http::HeaderValue;
 use super::Proxy;
 use crate::proxy::error::Rejection;
 use crate::proxy::routes::RouteConfig;
-use crate::state::secrets::SecretStore;
+use crate::state::secrets::Key;
 use crate::verify::duration::Short;
 use crate::verify::freshness::{self, Staleness};
 use crate::verify::signature::{self, Body};
@@ -17,14 +17,13 @@ impl Proxy {
     /// Tries each of the partner's secrets; the matching one names the forwarded key id. On a
     /// mismatch, the documented variants are tried so that the log and metrics can say which
     /// setting would have accepted it.
-    pub(super) fn verify_signature(
+    pub(super) fn verify_signature<'k>(
         &self,
         body: &Body<'_>,
         partner: &str,
         signature: &HeaderValue,
-        secrets: &SecretStore,
-    ) -> Result<(String, [u8; 16]), Rejection> {
-        let keys = secrets.keys(partner).ok_or(Rejection::UnknownPartner)?;
+        keys: &'k [Key],
+    ) -> Result<(&'k Key, [u8; 16]), Rejection> {
         let verify = &self.settings.verify;
         let claimed = signature::decode_header(signature.as_bytes(), verify.signature_encoding);
         if let Some(claimed) = claimed {
@@ -33,7 +32,7 @@ impl Proxy {
             );
             let matched = keys.iter().find_map(|key| {
                 let digest = prepared.digest(&key.secret);
-                claimed.matches(&digest).then(|| (key.id.clone(), digest))
+                claimed.matches(&digest).then_some((key, digest))
             });
             if let Some(matched) = matched {
                 return Ok(matched);

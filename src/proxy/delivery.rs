@@ -63,6 +63,9 @@ impl Proxy {
         verification: Option<&RequestLog>,
     ) -> Request<Full<Bytes>> {
         let headers = &mut parts.headers;
+        // Room for the headers added below at once: the map would otherwise grow (and rehash)
+        // as they are added one by one.
+        headers.reserve(7);
         // A client must not pass off its own x-lfguard-* headers as lfguard's verdict, also not
         // spelled with `_`, which CGI-style backends read as the same header.
         strip_hop_by_hop(headers, |name| {
@@ -97,10 +100,11 @@ impl Proxy {
             if let Some(failure) = facts.failure {
                 insert(headers, FAILURE, failure);
             }
-            for (name, value) in [(PARTNER_CODE, &facts.partner), (KEY_ID, &facts.key_id)] {
-                if let Some(value) = value {
-                    insert(headers, name, value);
-                }
+            if let Some(partner) = &facts.partner {
+                insert(headers, PARTNER_CODE, partner);
+            }
+            if let Some(key_id) = &facts.key_id {
+                headers.insert(KEY_ID, key_id.clone());
             }
             // The incoming header itself (validated as visible ASCII), shared rather than copied.
             if facts.delivery_id.is_some()

@@ -31,18 +31,6 @@ pub(super) fn insert(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     }
 }
 
-/// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus those we set ourselves.
-pub(super) const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
 /// Request heads refused on every route before a body is read, because lfguard and a backend (or
 /// another proxy on the way) could act on them differently:
 /// - `Content-Length` together with `Transfer-Encoding` (the request-smuggling shape; hyper
@@ -58,24 +46,30 @@ pub(super) fn check_head(headers: &HeaderMap, peer: &Peer) -> Result<(), Rejecti
             "Content-Length together with Transfer-Encoding".into(),
         ));
     }
-    if headers.get_all(header::HOST).iter().nth(1).is_some() {
+    // One pass over the header lines instead of a map lookup per question: every request comes
+    // through here.
+    let mut hosts = 0;
+    let mut connection = false;
+    for (name, _) in headers {
+        if *name == header::HOST {
+            hosts += 1;
+        } else if *name == header::CONNECTION {
+            connection = true;
+        } else if underscored_protected(name.as_str().as_bytes()) {
+            // CGI and WSGI backends merge `x_lf_md5` with `x-lf-md5` (both are
+            // `HTTP_X_LF_MD5`): the backend could check a signature, or frame a body, other than
+            // the one lfguard checked.
+            return Err(Rejection::MalformedRequest(
+                "a header spelled with '_' that a backend reads as Host, Content-Type, \
+                 Content-Length, Transfer-Encoding or an x-lf-* header"
+                    .into(),
+            ));
+        }
+    }
+    if hosts > 1 {
         return Err(Rejection::MalformedRequest("several Host headers".into()));
     }
-    // CGI and WSGI backends merge `x_lf_md5` with `x-lf-md5` (both are `HTTP_X_LF_MD5`): the
-    // backend could check a signature, or frame a body, other than the one lfguard checked.
-    if headers.keys().any(|name| {
-        let name = name.as_str().as_bytes();
-        name.contains(&b'_') && is_protected(name) && !name_starts_with(name, OWN_HEADER_PREFIX)
-    }) {
-        return Err(Rejection::MalformedRequest(
-            "a header spelled with '_' that a backend reads as Host, Content-Type, \
-             Content-Length, Transfer-Encoding or an x-lf-* header"
-                .into(),
-        ));
-    }
-    if headers.contains_key(header::CONNECTION)
-        && connection_tokens(headers).any(|name| is_protected(name.as_bytes()))
-    {
+    if connection && connection_tokens(headers).any(|name| is_protected(name.as_bytes())) {
         return Err(Rejection::MalformedRequest(
             "Connection names Host, Content-Type, Content-Length, Transfer-Encoding or an x-lf-* \
              or x-lfguard-* header"
@@ -83,6 +77,20 @@ pub(super) fn check_head(headers: &HeaderMap, peer: &Peer) -> Result<(), Rejecti
         ));
     }
     Ok(())
+}
+
+/// A name with `_` that a CGI-style backend reads as a protected header (lfguard's own
+/// `x-lfguard-*` headers excepted: those are stripped). Names of other lengths and initials are
+/// passed over before their bytes are looked at.
+fn underscored_protected(name: &[u8]) -> bool {
+    let may_be_protected = match name.len() {
+        4 | 12 | 14 | 17 => true,
+        len => len >= LINKSFIELD_HEADER_PREFIX.len() && name[0].eq_ignore_ascii_case(&b'x'),
+    };
+    may_be_protected
+        && name.contains(&b'_')
+        && is_protected(name)
+        && !name_starts_with(name, OWN_HEADER_PREFIX)
 }
 
 /// The names a `Connection` header lists.
@@ -135,35 +143,54 @@ pub(super) fn listed_in_connection(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
-/// Removes the hop-by-hop headers and those `also` names. One pass over the names a message has
-/// (usually none or one to remove) rather than a lookup for each name that could be there.
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1). Matched by text: a `match`
+/// on a string tests the length first, cheaper than comparing with each name in turn.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// Removes the hop-by-hop headers and those `also` names. A pass over the names a message has
+/// finds the first to remove (usually none, or `Connection`); only a `Connection` header makes the
+/// names it lists worth collecting.
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
-    let listed = listed_in_connection(headers);
-    let doomed: Vec<HeaderName> = headers
+    let listed = if headers.contains_key(header::CONNECTION) {
+        listed_in_connection(headers)
+    } else {
+        Vec::new()
+    };
+    while let Some(doomed) = headers
         .keys()
-        .filter(|name| HOP_BY_HOP.contains(name) || listed.contains(name) || also(name))
+        .find(|name| is_hop_by_hop(name) || also(name) || listed.contains(name))
         .cloned()
-        .collect();
-    for name in doomed {
-        headers.remove(name);
+    {
+        headers.remove(doomed);
     }
 }
 
 /// `true` for a form body, `false` for JSON; anything else (or two Content-Type headers, which
 /// lfguard and the backend might read differently) is refused.
 pub(super) fn content_kind(headers: &HeaderMap) -> Result<bool, Rejection> {
-    if headers
-        .get_all(header::CONTENT_TYPE)
-        .iter()
-        .nth(1)
-        .is_some()
-    {
+    let mut values = headers.get_all(header::CONTENT_TYPE).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
         return Err(Rejection::UnsupportedMediaType);
+    };
+    // What Linksfield sends, decided without splitting parameters.
+    if value.as_bytes().eq_ignore_ascii_case(b"application/json") {
+        return Ok(false);
     }
-    let value = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .ok_or(Rejection::UnsupportedMediaType)?;
+    let value = value
+        .to_str()
+        .map_err(|_| Rejection::UnsupportedMediaType)?;
     let mut params = value.split(';');
     let essence = params.next().unwrap_or("").trim();
     for param in params {

@@ -20,7 +20,7 @@ use crate::proxy::limits::BodyBudget;
 use crate::proxy::routes::RouteConfig;
 use crate::proxy::upstream::{Upstream, UpstreamConfig};
 use crate::state::replay::{self, AnyStore, OnDuplicate, ReplayConfig};
-use crate::state::secrets::SecretStore;
+use crate::state::secrets::{Partner, SecretStore};
 use crate::telemetry::metrics::Metrics;
 use crate::verify::config::{VerifyConfig, VerifyMode};
 use crate::verify::schema::Schema;
@@ -183,28 +183,22 @@ impl Proxy {
         let parsed = parse_body(&body, form)?;
         let secrets = self.secrets.load();
         let partner = partner_code(&parsed);
+        let entry = partner.as_ref().ok().and_then(|code| secrets.partner(code));
         log.partner = partner.as_ref().ok().map(|code| code.to_string());
-        log.partner_known = partner.as_ref().is_ok_and(|code| secrets.contains(code));
-        let mode = secrets.mode_for(log.partner.as_deref());
+        log.partner_known = entry.is_some();
+        let mode = secrets.mode_of(entry);
         log.mode = Some(mode);
 
         // Signature, delivery id and freshness.
-        let replay_key = match self.check(
-            &parts.headers,
-            &parsed,
-            partner,
-            route,
-            &secrets,
-            arrived,
-            log,
-        ) {
-            Ok(replay_key) => replay_key,
-            Err(rejection) => {
-                return self
-                    .refuse_or_report(rejection, parts, body, peer, log)
-                    .await;
-            }
-        };
+        let replay_key =
+            match self.check(&parts.headers, &parsed, partner, entry, route, arrived, log) {
+                Ok(replay_key) => replay_key,
+                Err(rejection) => {
+                    return self
+                        .refuse_or_report(rejection, parts, body, peer, log)
+                        .await;
+                }
+            };
 
         // Replay claim: the first copy owns the key until the backend has answered. A copy of a
         // delivered callback is acknowledged without forwarding, unless policy says otherwise.
@@ -239,8 +233,8 @@ impl Proxy {
         headers: &HeaderMap,
         body: &Body<'_>,
         partner: Result<&str, Rejection>,
+        entry: Option<&Partner>,
         route: Option<&RouteConfig>,
-        secrets: &SecretStore,
         arrived: SystemTime,
         log: &mut RequestLog,
     ) -> Result<replay::Key, Rejection> {
@@ -250,11 +244,12 @@ impl Proxy {
         // A body whose string to sign has another reading is never vouched for, whatever its
         // signature: the backend could be acting on the other reading.
         self.check_unambiguous(body, route)?;
-        let (key_id, digest) = self.verify_signature(body, partner, signature, secrets)?;
-        log.key_id = Some(key_id);
+        let entry = entry.ok_or(Rejection::UnknownPartner)?;
+        let (key, digest) = self.verify_signature(body, partner, signature, &entry.keys)?;
+        log.key_id = Some(key.id_header.clone());
         let require_timestamp = route
             .and_then(|route| route.require_timestamp)
-            .or_else(|| secrets.require_timestamp_for(partner))
+            .or(entry.require_timestamp)
             .unwrap_or(self.settings.verify.require_timestamp);
         self.check_freshness(body, arrived, require_timestamp)?;
         Ok(replay::Key {

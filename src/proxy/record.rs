@@ -20,7 +20,8 @@ pub struct RequestLog {
     /// Whether `partner` is configured, i.e. may be a metrics label.
     pub partner_known: bool,
     pub delivery_id: Option<String>,
-    pub key_id: Option<String>,
+    /// The id of the secret that verified the body, as the header forwarded with it.
+    pub key_id: Option<http::HeaderValue>,
     pub mode: Option<VerifyMode>,
     /// The check a report-mode request failed (it was forwarded anyway).
     pub failure: Option<&'static str>,
@@ -73,7 +74,11 @@ impl<'p> Record<'p> {
             path: self.uri.path(),
             partner: log.partner.as_deref().unwrap_or(""),
             delivery_id: log.delivery_id.as_deref().unwrap_or(""),
-            key_id: log.key_id.as_deref().unwrap_or(""),
+            key_id: log
+                .key_id
+                .as_ref()
+                .and_then(|id| id.to_str().ok())
+                .unwrap_or(""),
             failure: log.failure.unwrap_or(""),
             reason: reason.unwrap_or(""),
             peer: self.peer.address.as_str(),

@@ -1,7 +1,7 @@
 //! Partner secrets: loaded from inline config, files, environment variables and `partners_dir`,
 //! held behind an `ArcSwap` so a reload replaces the whole set at once or not at all.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -54,6 +54,31 @@ pub fn problems(
 pub struct Key {
     pub id: String,
     pub secret: String,
+    /// `id` as the value of the header that names it to the backend, made once rather than per
+    /// request (an id is visible ASCII: a source name and a line number).
+    pub id_header: http::HeaderValue,
+}
+
+impl Key {
+    pub fn new(id: String, secret: String) -> Self {
+        let id_header = http::HeaderValue::from_str(&id)
+            .unwrap_or_else(|_| http::HeaderValue::from_static("unnamed"));
+        Key {
+            id,
+            secret,
+            id_header,
+        }
+    }
+}
+
+/// A configured partner: its secrets in rotation order and its overrides.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Partner {
+    pub keys: Vec<Key>,
+    /// Overrides `verify.mode`.
+    pub mode: Option<VerifyMode>,
+    /// Overrides `verify.require_timestamp`.
+    pub require_timestamp: Option<bool>,
 }
 
 impl fmt::Debug for Key {
@@ -66,13 +91,12 @@ impl fmt::Debug for Key {
 }
 
 /// Every configured partner's secrets, in rotation order, and the per-partner overrides (mode,
-/// whether a timestamp is required): the part of the configuration that a reload replaces.
+/// whether a timestamp is required): the part of the configuration that a reload replaces. A
+/// request looks its partner up once (`partner`) and reads everything from the entry.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SecretStore {
-    partners: HashMap<String, Vec<Key>>,
+    partners: BTreeMap<String, Partner>,
     default_mode: VerifyMode,
-    modes: HashMap<String, VerifyMode>,
-    require_timestamp: HashMap<String, bool>,
 }
 
 /// A partner code as Linksfield issues them (`P002671`); also a safe file name.
@@ -94,16 +118,13 @@ impl SecretStore {
         default_mode: VerifyMode,
     ) -> Result<SecretStore, Vec<String>> {
         let mut problems = Vec::new();
-        let mut partners: HashMap<String, Vec<Key>> = HashMap::new();
+        let mut partners: BTreeMap<String, Vec<Key>> = BTreeMap::new();
 
         for (code, partner) in partners_config {
             let keys = partners.entry(code.clone()).or_default();
             for (i, secret) in partner.secrets.iter().enumerate() {
                 match check_secret(secret) {
-                    Ok(()) => keys.push(Key {
-                        id: format!("inline:{i}"),
-                        secret: secret.clone(),
-                    }),
+                    Ok(()) => keys.push(Key::new(format!("inline:{i}"), secret.clone())),
                     Err(why) => problems.push(format!("partners.{code}.secrets[{i}]: {why}")),
                 }
             }
@@ -137,45 +158,46 @@ impl SecretStore {
             }
         }
         if problems.is_empty() {
-            let modes = partners_config
-                .iter()
-                .filter_map(|(code, partner)| Some((code.clone(), partner.mode?)))
-                .collect();
-            let require_timestamp = partners_config
-                .iter()
-                .filter_map(|(code, partner)| Some((code.clone(), partner.require_timestamp?)))
+            let partners = partners
+                .into_iter()
+                .map(|(code, keys)| {
+                    let config = partners_config.get(&code);
+                    let partner = Partner {
+                        keys,
+                        mode: config.and_then(|config| config.mode),
+                        require_timestamp: config.and_then(|config| config.require_timestamp),
+                    };
+                    (code, partner)
+                })
                 .collect();
             Ok(SecretStore {
                 partners,
                 default_mode,
-                modes,
-                require_timestamp,
             })
         } else {
             Err(problems)
         }
     }
 
+    /// A configured partner.
+    pub fn partner(&self, code: &str) -> Option<&Partner> {
+        self.partners.get(code)
+    }
+
     /// The secrets of a partner, if it is configured.
-    pub fn keys(&self, partner: &str) -> Option<&[Key]> {
-        self.partners.get(partner).map(Vec::as_slice)
+    pub fn keys(&self, code: &str) -> Option<&[Key]> {
+        self.partner(code).map(|partner| partner.keys.as_slice())
     }
 
     /// The mode for a partner; `verify.mode` when the partner is unknown or has no override.
-    pub fn mode_for(&self, partner: Option<&str>) -> VerifyMode {
+    pub fn mode_of(&self, partner: Option<&Partner>) -> VerifyMode {
         partner
-            .and_then(|code| self.modes.get(code))
-            .copied()
+            .and_then(|partner| partner.mode)
             .unwrap_or(self.default_mode)
     }
 
-    /// The partner's `require_timestamp` override, if it has one.
-    pub fn require_timestamp_for(&self, partner: &str) -> Option<bool> {
-        self.require_timestamp.get(partner).copied()
-    }
-
-    pub fn contains(&self, partner: &str) -> bool {
-        self.partners.contains_key(partner)
+    pub fn contains(&self, code: &str) -> bool {
+        self.partners.contains_key(code)
     }
 
     pub fn partner_count(&self) -> usize {
@@ -185,7 +207,7 @@ impl SecretStore {
 
 /// One file per partner code; hidden entries are skipped because Kubernetes keeps its
 /// `..data` symlink and timestamped directories beside the keys of a mounted Secret.
-fn load_dir(dir: &Path, partners: &mut HashMap<String, Vec<Key>>, problems: &mut Vec<String>) {
+fn load_dir(dir: &Path, partners: &mut BTreeMap<String, Vec<Key>>, problems: &mut Vec<String>) {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(err) => {
@@ -247,10 +269,10 @@ fn add_lines(
             continue;
         }
         match check_secret(secret) {
-            Ok(()) => keys.push(Key {
-                id: format!("{source}:{}", line_no + 1),
-                secret: secret.to_string(),
-            }),
+            Ok(()) => keys.push(Key::new(
+                format!("{source}:{}", line_no + 1),
+                secret.to_string(),
+            )),
             Err(why) => problems.push(format!("{label} line {}: {why}", line_no + 1)),
         }
     }
@@ -344,17 +366,14 @@ mod tests {
             },
         );
         let store = load(&config).unwrap();
-        assert_eq!(store.mode_for(Some("P1")), VerifyMode::Report);
-        assert_eq!(store.mode_for(Some("P2")), VerifyMode::Enforce);
-        assert_eq!(store.mode_for(None), VerifyMode::Enforce);
+        assert_eq!(store.mode_of(store.partner("P1")), VerifyMode::Report);
+        assert_eq!(store.mode_of(store.partner("P2")), VerifyMode::Enforce);
+        assert_eq!(store.mode_of(None), VerifyMode::Enforce);
     }
 
     #[test]
     fn debug_output_redacts() {
-        let key = Key {
-            id: "inline:0".into(),
-            secret: "hunter2".into(),
-        };
+        let key = Key::new("inline:0".into(), "hunter2".into());
         assert!(!format!("{key:?}").contains("hunter2"));
     }
 }

@@ -28,8 +28,7 @@ pub fn parse(value: &Value<'_>) -> Option<SystemTime> {
         Value::Nested(_) | Value::Null => return None,
     };
     let text = text.trim();
-    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-        let number: u64 = text.parse().ok()?;
+    if let Some(number) = digits(text) {
         let since_epoch = if text.len() >= MILLIS_DIGITS {
             Duration::from_millis(number)
         } else {
@@ -49,6 +48,21 @@ pub fn parse(value: &Value<'_>) -> Option<SystemTime> {
     let (seconds, nanos) = seconds_and_nanos;
     let seconds = u64::try_from(seconds).ok()?;
     UNIX_EPOCH.checked_add(Duration::new(seconds, nanos))
+}
+
+/// A number written in ASCII digits only (the common case, read in one pass); `None` for anything
+/// else, an empty text, or a number beyond `u64` (which no timestamp is).
+fn digits(text: &str) -> Option<u64> {
+    if text.is_empty() {
+        return None;
+    }
+    text.bytes().try_fold(0u64, |number, byte| {
+        let digit = byte.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        number.checked_mul(10)?.checked_add(u64::from(digit))
+    })
 }
 
 /// Checks `sent` against the arrival time.
