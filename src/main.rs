@@ -23,6 +23,10 @@ fn main() -> ExitCode {
         },
         Command::CheckConfig(args) => match load(&args) {
             Ok(config) => {
+                // The files were checked by `load`; as TOML comments, the output still parses.
+                for note in config.certificates().unwrap_or_default() {
+                    println!("# {note}");
+                }
                 print!("{}", config.redacted_toml());
                 ExitCode::SUCCESS
             }

@@ -784,6 +784,11 @@ fn every_key() -> BTreeSet<String> {
             }
         }
     }
+    // `[server.tls]` is a table of its own.
+    keys.remove("server.tls");
+    for field in fields_of::<ListenerTlsConfig>() {
+        keys.insert(format!("server.tls.{field}"));
+    }
     // A schema's members are tables of their own.
     keys.remove("schemas.NAME.members");
     for field in fields_of::<lfguard::schema::MemberRule>() {

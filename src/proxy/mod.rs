@@ -61,6 +61,8 @@ pub struct Settings {
     pub max_body_bytes: u64,
     /// `server.body_read_timeout`
     pub body_read_timeout: Duration,
+    /// `[server.tls]` is set: clients connect with TLS (`X-Forwarded-Proto: https`).
+    pub https: bool,
 }
 
 pub struct Proxy {

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use crate::config::Config;
 use crate::proxy::limits::BodyBudget;
 use crate::server::connections::Connections;
+use crate::server::tls::ListenerTls;
 use crate::state::replay::AnyStore;
 use crate::state::secrets::SecretStore;
 use crate::telemetry::metrics::Metrics;
@@ -28,6 +29,8 @@ pub struct Shared {
     pub proxy_connections: Arc<Connections>,
     /// The connections of the admin port (`server.admin_max_connections`).
     pub admin_connections: Arc<Connections>,
+    /// `[server.tls]`: the proxy port's certificate, re-read on reload.
+    pub listener_tls: Option<Arc<ListenerTls>>,
     /// Set once shutdown begins: readiness answers 503 from then on, and the proxy's answers
     /// carry `Connection: close`.
     pub draining: Arc<AtomicBool>,

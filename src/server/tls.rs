@@ -1,0 +1,348 @@
+//! TLS on the proxy port (`[server.tls]`): rustls' configuration built from the certificate
+//! files (TLS 1.3 and 1.2, ALPN `http/1.1`, client certificates when `client_ca_file` is set), the
+//! handshake of each accepted connection, and re-reading the files when they change.
+//!
+//! The handshake runs in the connection's own task, on its slot of `server.max_connections`
+//! (closed like an idle connection when the cap needs room) and within
+//! `server.header_read_timeout`. Its decrypted stream is what `framing::Watched` and hyper read.
+//! A reload builds a new rustls configuration and swaps it in whole: connections already open
+//! keep the one they were accepted with, new ones get the new certificate; a pair that fails to
+//! load keeps the one in use.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls::ServerConfig;
+use rustls::server::{ServerSessionMemoryCache, WebPkiClientVerifier};
+use rustls::sign::SingleCertAndKey;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use crate::server::config::ListenerTlsConfig;
+use crate::state::certs::{self, Leaf, PairFile};
+use crate::telemetry::metrics::Metrics;
+
+/// The metrics' label for the proxy port's TLS.
+pub const ROLE: &str = "listener";
+
+/// The first byte of a TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// TLS sessions remembered for resumption.
+const SESSION_CACHE_SIZE: usize = 1024;
+
+/// What a client speaking plain HTTP to the TLS port gets before the connection closes.
+const PLAIN_HTTP_ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n\
+Content-Length: 43\r\nConnection: close\r\n\r\nthis port speaks TLS: use https:// instead\n";
+
+/// What is read and discarded of a plain HTTP request before closing, so that the client reads
+/// the answer rather than a reset.
+const PLAIN_HTTP_DRAIN_BYTES: usize = 64 * 1024;
+
+/// The proxy port's TLS: the configuration new connections get, and the files it came from.
+pub struct ListenerTls {
+    files: ListenerTlsConfig,
+    current: ArcSwap<ServerConfig>,
+    /// `notAfter` of the certificate in use.
+    not_after: AtomicI64,
+    watch: Mutex<Watch>,
+    handshake_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+/// What the files held when last read.
+struct Watch {
+    /// The contents of the configuration in use.
+    in_use: Contents,
+    /// The last read, good or bad.
+    last: Result<Contents, Vec<String>>,
+    /// The failed read last logged and counted, so that it is reported once.
+    reported: Option<Result<Contents, Vec<String>>>,
+}
+
+/// The bytes of the certificate files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Contents {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+impl Contents {
+    fn read(files: &ListenerTlsConfig) -> Result<Self, Vec<String>> {
+        let cert =
+            certs::read(&files.cert_file).map_err(|err| format!("server.tls.cert_file: {err}"));
+        let key = certs::read(&files.key_file).map_err(|err| format!("server.tls.key_file: {err}"));
+        let client_ca = files
+            .client_ca_file
+            .as_deref()
+            .map(|path| {
+                certs::read(path).map_err(|err| format!("server.tls.client_ca_file: {err}"))
+            })
+            .transpose();
+        match (cert, key, client_ca) {
+            (Ok(cert), Ok(key), Ok(client_ca)) => Ok(Contents {
+                cert,
+                key,
+                client_ca,
+            }),
+            (cert, key, client_ca) => Err([cert.err(), key.err(), client_ca.err()]
+                .into_iter()
+                .flatten()
+                .collect()),
+        }
+    }
+}
+
+/// What `build` makes of the files: the configuration, the certificate it presents and the
+/// earliest expiry among the client CAs.
+struct Built {
+    config: ServerConfig,
+    leaf: Leaf,
+    client_ca: Option<(usize, Leaf)>,
+}
+
+/// rustls' configuration for `contents`; every problem, each naming its key. Each has a session
+/// cache of its own: after a rotation no client resumes a session of the old certificate, every
+/// new connection is shown the new one.
+fn build(contents: &Contents, now: i64) -> Result<Built, Vec<String>> {
+    let mut problems = Vec::new();
+    let pair = certs::certified_key(&contents.cert, &contents.key, now).map_err(|(file, err)| {
+        let key = match file {
+            PairFile::Cert => "server.tls.cert_file",
+            PairFile::Key => "server.tls.key_file",
+        };
+        problems.push(format!("{key}: {err}"));
+    });
+    let client_ca = contents
+        .client_ca
+        .as_deref()
+        .map(certs::parse_roots)
+        .transpose()
+        .map_err(|err| problems.push(format!("server.tls.client_ca_file: {err}")));
+    let (Ok((certified, leaf)), Ok(client_ca)) = (pair, client_ca) else {
+        return Err(problems);
+    };
+    let provider = certs::provider();
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(certs::PROTOCOL_VERSIONS)
+        .map_err(|err| vec![format!("server.tls: {err}")])?;
+    let (builder, client_ca) = match client_ca {
+        None => (builder.with_no_client_auth(), None),
+        Some((roots, earliest)) => {
+            let count = roots.len();
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|err| vec![format!("server.tls.client_ca_file: {err}")])?;
+            (
+                builder.with_client_cert_verifier(verifier),
+                Some((count, earliest)),
+            )
+        }
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
+    config.alpn_protocols = vec![certs::ALPN_HTTP11.to_vec()];
+    config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
+    Ok(Built {
+        config,
+        leaf,
+        client_ca,
+    })
+}
+
+/// For `check-config`: the problems of `[server.tls]`'s files, or a line on each saying when it
+/// expires.
+pub fn check(files: &ListenerTlsConfig) -> Result<Vec<String>, Vec<String>> {
+    let contents = Contents::read(files)?;
+    let now = certs::unix_now();
+    let built = build(&contents, now)?;
+    let mut notes = vec![format!(
+        "server.tls.cert_file: {}: serial {}, {}",
+        files.cert_file.display(),
+        built.leaf.serial,
+        built.leaf.expiry(now)
+    )];
+    if let (Some(path), Some((count, earliest))) = (&files.client_ca_file, built.client_ca) {
+        notes.push(format!(
+            "server.tls.client_ca_file: {}: {count} CA certificate(s), the first to expire {}",
+            path.display(),
+            earliest.expiry(now)
+        ));
+    }
+    Ok(notes)
+}
+
+impl ListenerTls {
+    /// Reads the files; every problem, each naming its key.
+    pub fn load(
+        files: &ListenerTlsConfig,
+        handshake_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, Vec<String>> {
+        let contents = Contents::read(files)?;
+        let built = build(&contents, certs::unix_now())?;
+        metrics.tls_certificate_expiry(ROLE, built.leaf.not_after);
+        metrics.tls_reloads_start(ROLE);
+        tracing::info!(
+            serial = %built.leaf.serial,
+            not_after = %certs::date(built.leaf.not_after),
+            client_certificates = files.client_ca_file.is_some(),
+            "listener certificate loaded"
+        );
+        Ok(ListenerTls {
+            files: files.clone(),
+            current: ArcSwap::from_pointee(built.config),
+            not_after: AtomicI64::new(built.leaf.not_after),
+            watch: Mutex::new(Watch {
+                last: Ok(contents.clone()),
+                in_use: contents,
+                reported: None,
+            }),
+            handshake_timeout,
+            metrics,
+        })
+    }
+
+    /// `Err` with the reason while the certificate in use is not valid (it expired and no valid
+    /// one replaced it): readiness fails then.
+    pub fn valid_now(&self) -> Result<(), String> {
+        let not_after = self.not_after.load(Ordering::Relaxed);
+        if certs::unix_now() > not_after {
+            return Err(format!(
+                "the listener certificate expired {}",
+                certs::date(not_after)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Re-reads the files and swaps in a new configuration when they changed and load. A pair
+    /// that does not load keeps the one in use; it is logged and counted once. The file watch
+    /// (`explicit` false) reports it only once the same contents were read twice in a row:
+    /// certbot and cert-manager write a certificate and its key one after the other, and a read
+    /// between the two is no failure. SIGHUP (`explicit`) reports at once.
+    pub fn reload(&self, trigger: &'static str, explicit: bool) {
+        let read = Contents::read(&self.files);
+        let mut watch = self
+            .watch
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if read
+            .as_ref()
+            .is_ok_and(|contents| *contents == watch.in_use)
+        {
+            watch.last = read;
+            watch.reported = None;
+            return;
+        }
+        let built = match &read {
+            Ok(contents) => {
+                build(contents, certs::unix_now()).map(|built| (built, contents.clone()))
+            }
+            Err(problems) => Err(problems.clone()),
+        };
+        match built {
+            Ok((built, contents)) => {
+                self.current.store(Arc::new(built.config));
+                self.not_after
+                    .store(built.leaf.not_after, Ordering::Relaxed);
+                self.metrics
+                    .tls_certificate_expiry(ROLE, built.leaf.not_after);
+                self.metrics.tls_certificate_reload(ROLE, true);
+                tracing::info!(
+                    trigger,
+                    serial = %built.leaf.serial,
+                    not_after = %certs::date(built.leaf.not_after),
+                    "listener certificate reloaded"
+                );
+                watch.in_use = contents;
+                watch.reported = None;
+            }
+            Err(problems) => {
+                let settled = explicit || watch.last == read;
+                if settled && watch.reported.as_ref() != Some(&read) {
+                    tracing::error!(
+                        trigger,
+                        problems = %problems.join("; "),
+                        "listener certificate reload failed; keeping the certificate in use"
+                    );
+                    self.metrics.tls_certificate_reload(ROLE, false);
+                    watch.reported = Some(read.clone());
+                }
+            }
+        }
+        watch.last = read;
+    }
+
+    /// The handshake of an accepted connection within `server.header_read_timeout`: the
+    /// decrypted stream, or `None` when it failed (counted by reason).
+    pub async fn accept(
+        &self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+    ) -> Option<TlsStream<TcpStream>> {
+        let config = self.current.load_full();
+        let handshake = async {
+            let mut first = [0u8; 1];
+            match stream.peek(&mut first).await {
+                Ok(0) | Err(_) => return Err("closed"),
+                Ok(_) => {}
+            }
+            if first[0] != TLS_HANDSHAKE_RECORD {
+                return Ok(Err((stream, first[0])));
+            }
+            TlsAcceptor::from(config)
+                .accept(stream)
+                .await
+                .map(Ok)
+                .map_err(|err| certs::failure_reason(&err))
+        };
+        let (mut stream, first) =
+            match tokio::time::timeout(self.handshake_timeout, handshake).await {
+                Ok(Ok(Ok(stream))) => return Some(stream),
+                Ok(Ok(Err(not_tls))) => not_tls,
+                Ok(Err(reason)) => {
+                    self.failed(peer, reason);
+                    return None;
+                }
+                Err(_elapsed) => {
+                    self.failed(peer, "timeout");
+                    return None;
+                }
+            };
+        // Counted before a client speaking plain HTTP reads that this port speaks TLS.
+        self.failed(peer, "not_tls");
+        if first.is_ascii_uppercase() {
+            let _ =
+                tokio::time::timeout(self.handshake_timeout, refuse_plain_http(&mut stream)).await;
+        }
+        None
+    }
+
+    fn failed(&self, peer: SocketAddr, reason: &'static str) {
+        self.metrics.tls_handshake_failure(ROLE, reason);
+        tracing::debug!(peer = %peer, reason, "TLS handshake failed");
+    }
+}
+
+/// Answers 400 and closes: the write side first, then what the client sent is read and
+/// discarded until it closes too, so that its request still unread does not turn the close into
+/// a reset that would lose the answer.
+async fn refuse_plain_http(stream: &mut TcpStream) {
+    if stream.write_all(PLAIN_HTTP_ANSWER).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut discarded = 0;
+    let mut buf = [0u8; 4096];
+    while discarded < PLAIN_HTTP_DRAIN_BYTES {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => discarded += n,
+        }
+    }
+}

@@ -1,0 +1,588 @@
+//! TLS both ways, against the real binary: lfguard's proxy port with `[server.tls]` (real clients:
+//! curl and `openssl s_client` where installed, a rustls client, `lfguard send`), certificate
+//! rotation and bad replacements, client certificates, and https backends. Every certificate is
+//! made here (tests/support/tls.rs).
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::tls::*;
+use support::*;
+
+/// Whether a tool is installed; prints why a test is skipped when not.
+fn have(tool: &str, test: &str) -> bool {
+    let found = Command::new(tool)
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        println!("skipping {test}: {tool} is not installed");
+    }
+    found
+}
+
+/// lfguard with `[server.tls]` on `identity` (written into its directory as `server.crt` and
+/// `server.key`), and `extra` TOML.
+fn start_tls(backend: &Backend, identity: &Issued, extra: &str) -> Lfguard {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = identity.write(dir.path(), "server");
+    start_tls_files(backend, dir, &cert, &key, extra)
+}
+
+fn start_tls_files(
+    backend: &Backend,
+    dir: tempfile::TempDir,
+    cert: &Path,
+    key: &Path,
+    extra: &str,
+) -> Lfguard {
+    let mut config = base_config(&backend.url());
+    merge(
+        &mut config,
+        &format!(
+            "[server.tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    );
+    merge(&mut config, extra);
+    let config_path = dir.path().join("lfguard.toml");
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    Lfguard::spawn(dir, config_path, &[])
+}
+
+/// The request bytes of a signed callback, written to a file for curl and openssl.
+fn callback_files(dir: &Path, callback: &Callback) -> (std::path::PathBuf, Vec<String>) {
+    let body = write_file(
+        dir,
+        "body.json",
+        std::str::from_utf8(&callback.body).unwrap(),
+    );
+    let headers = callback
+        .headers
+        .iter()
+        .flat_map(|(name, value)| ["-H".to_string(), format!("{name}: {value}")])
+        .collect();
+    (body, headers)
+}
+
+fn verified_and_forwarded(backend: &Backend, callback: &Callback) {
+    let received = backend
+        .requests()
+        .into_iter()
+        .find(|r| r.body == callback.body)
+        .expect("the backend received the callback");
+    assert_eq!(received.header("x-lfguard-verified"), Some("true"));
+    assert_eq!(received.header("x-forwarded-proto"), Some("https"));
+}
+
+#[test]
+fn a_rustls_client_curl_and_openssl_are_verified_and_forwarded_over_tls() {
+    let root = Ca::new("lfguard test root");
+    let intermediate = root.intermediate("lfguard test intermediate");
+    let identity = intermediate.server();
+    let backend = Backend::start();
+    let lfguard = start_tls(&backend, &identity, "");
+
+    // The full chain is presented: a client trusting only the root verifies it.
+    let config = client_config(&root.pem(), None);
+    let mut connection = TlsConnection::open(lfguard.addr, config).unwrap();
+    assert_eq!(connection.serial(), identity.serial);
+    assert_eq!(connection.alpn().as_deref(), Some(&b"http/1.1"[..]));
+    let callback = Callback::signed(sms_body());
+    let response = connection.exchange(&callback.to_bytes()).unwrap();
+    assert_eq!(response.status, 200, "{}", response.text());
+    verified_and_forwarded(&backend, &callback);
+
+    let dir = tempfile::tempdir().unwrap();
+    let root_file = write_pem(dir.path(), "root.pem", &root.pem());
+    let port = lfguard.addr.port();
+    if have("curl", "the curl handshake") {
+        let callback = Callback::signed(sms_body());
+        let (body, headers) = callback_files(dir.path(), &callback);
+        let output = Command::new("curl")
+            .args(["--silent", "--show-error", "--fail", "--http1.1"])
+            .arg("--cacert")
+            .arg(&root_file)
+            .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+            .args(headers)
+            .arg("--data-binary")
+            .arg(format!("@{}", body.display()))
+            .arg(format!("https://localhost:{port}/callback/sms"))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        verified_and_forwarded(&backend, &callback);
+    }
+    if have("openssl", "the openssl s_client handshake") {
+        let callback = Callback::signed(sms_body());
+        let mut child = Command::new("openssl")
+            .args([
+                "s_client",
+                "-quiet",
+                "-verify_return_error",
+                "-alpn",
+                "http/1.1",
+            ])
+            .args(["-connect", &format!("127.0.0.1:{port}")])
+            .args(["-servername", "localhost", "-verify_hostname", "localhost"])
+            .arg("-CAfile")
+            .arg(&root_file)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(&callback.to_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        let answer = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            answer.starts_with("HTTP/1.1 200 "),
+            "openssl s_client: {answer}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        verified_and_forwarded(&backend, &callback);
+    }
+}
+
+#[test]
+fn tls_1_1_and_plain_http_to_the_tls_port_are_refused() {
+    let root = Ca::new("lfguard test root");
+    let backend = Backend::start();
+    let lfguard = start_tls(&backend, &root.server(), "");
+    let failures = |reason: &str| {
+        let text = admin_get(lfguard.admin, "/metrics").text();
+        sample(
+            &text,
+            &format!(
+                "lfguard_tls_handshake_failures_total{{reason=\"{reason}\",role=\"listener\"}}"
+            ),
+        )
+        .unwrap_or(0.0)
+    };
+
+    // Plain HTTP: a 400 saying so, and nothing forwarded.
+    let response = Callback::signed(sms_body()).send(lfguard.addr);
+    assert_eq!(response.status, 400);
+    assert!(
+        response.text().contains("speaks TLS"),
+        "{}",
+        response.text()
+    );
+    assert_eq!(failures("not_tls"), 1.0);
+
+    if have("openssl", "the TLS 1.1 handshake") {
+        let output = Command::new("openssl")
+            .args(["s_client", "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"])
+            .args(["-connect", &lfguard.addr.to_string()])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "a TLS 1.1 handshake succeeded");
+        // lfguard refused it (rather than openssl refusing to offer it).
+        assert_eq!(failures("incompatible"), 1.0);
+    }
+    if have("curl", "curl over TLS 1.1") {
+        let output = Command::new("curl")
+            .args(["--silent", "--insecure", "--tlsv1.1", "--tls-max", "1.1"])
+            .arg(format!("https://{}/", lfguard.addr))
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "curl got through with TLS 1.1");
+    }
+    assert_eq!(backend.count(), 0);
+}
+
+#[test]
+fn a_request_head_with_both_framings_is_still_refused_over_tls() {
+    let root = Ca::new("lfguard test root");
+    let backend = Backend::start();
+    let lfguard = start_tls(&backend, &root.server(), "");
+    let callback = Callback::signed(sms_body());
+    let mut bytes = format!(
+        "POST /callback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-lf-md5: {}\r\nx-lf-delivery: {}\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+        callback.header("x-lf-md5").unwrap(),
+        callback.header("x-lf-delivery").unwrap(),
+        callback.body.len(),
+        callback.body.len()
+    )
+    .into_bytes();
+    bytes.extend_from_slice(&callback.body);
+    bytes.extend_from_slice(b"\r\n0\r\n\r\n");
+    let mut connection =
+        TlsConnection::open(lfguard.addr, client_config(&root.pem(), None)).unwrap();
+    let response = connection.exchange(&bytes).unwrap();
+    assert_eq!(response.status, 400, "{}", response.text());
+    assert_eq!(backend.count(), 0);
+}
+
+#[test]
+fn client_certificates_are_required_when_a_client_ca_is_set() {
+    let root = Ca::new("lfguard test root");
+    let clients = Ca::new("partner gateway CA");
+    let backend = Backend::start();
+    let dir = tempfile::tempdir().unwrap();
+    let client_ca = write_pem(dir.path(), "clients.pem", &clients.pem());
+    let lfguard = start_tls(
+        &backend,
+        &root.server(),
+        &format!(
+            "[server.tls]\nclient_ca_file = {:?}",
+            client_ca.display().to_string()
+        ),
+    );
+    let callback = Callback::signed(sms_body());
+
+    // Without a certificate: the handshake (or, in TLS 1.3, the first read) fails.
+    let refused = TlsConnection::open(lfguard.addr, client_config(&root.pem(), None))
+        .ok()
+        .and_then(|mut connection| connection.exchange(&callback.to_bytes()));
+    assert!(refused.is_none(), "{refused:?}");
+    // With one of another CA: refused too.
+    let stranger = root.client("stranger");
+    let refused = TlsConnection::open(lfguard.addr, client_config(&root.pem(), Some(&stranger)))
+        .ok()
+        .and_then(|mut connection| connection.exchange(&callback.to_bytes()));
+    assert!(refused.is_none(), "{refused:?}");
+    assert_eq!(backend.count(), 0);
+    let text = admin_get(lfguard.admin, "/metrics").text();
+    assert_eq!(
+        sample(
+            &text,
+            "lfguard_tls_handshake_failures_total{reason=\"no_certificate\",role=\"listener\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+
+    let gateway = clients.client("gateway");
+    let mut connection =
+        TlsConnection::open(lfguard.addr, client_config(&root.pem(), Some(&gateway))).unwrap();
+    let response = connection.exchange(&callback.to_bytes()).unwrap();
+    assert_eq!(response.status, 200, "{}", response.text());
+    verified_and_forwarded(&backend, &callback);
+
+    if have("curl", "curl with a client certificate") {
+        let root_file = write_pem(dir.path(), "root.pem", &root.pem());
+        let (cert, key) = gateway.write(dir.path(), "gateway");
+        let port = lfguard.addr.port();
+        let curl = |with_certificate: bool| {
+            let mut command = Command::new("curl");
+            command
+                .args([
+                    "--silent",
+                    "--output",
+                    "/dev/null",
+                    "--write-out",
+                    "%{http_code}",
+                ])
+                .arg("--cacert")
+                .arg(&root_file)
+                .args(["--resolve", &format!("localhost:{port}:127.0.0.1")]);
+            if with_certificate {
+                command.arg("--cert").arg(&cert).arg("--key").arg(&key);
+            }
+            let output = command
+                .arg(format!("https://localhost:{port}/callback"))
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        };
+        // GET: lfguard's own 405 shows the request got through the handshake.
+        assert_eq!(curl(true), "405");
+        assert_eq!(curl(false), "000");
+    }
+}
+
+/// The layout of a mounted Kubernetes Secret of type kubernetes.io/tls: `tls.crt` and `tls.key`
+/// are links into `..data`, a link to a timestamped directory swapped atomically on update.
+struct MountedTlsSecret {
+    root: std::path::PathBuf,
+    generation: u32,
+}
+
+impl MountedTlsSecret {
+    fn new(root: &Path, identity: &Issued) -> MountedTlsSecret {
+        let mut mounted = MountedTlsSecret {
+            root: root.to_path_buf(),
+            generation: 0,
+        };
+        mounted.update(&identity.cert_pem, &identity.key_pem);
+        for name in ["tls.crt", "tls.key"] {
+            std::os::unix::fs::symlink(format!("..data/{name}"), root.join(name)).unwrap();
+        }
+        mounted
+    }
+
+    fn update(&mut self, cert_pem: &str, key_pem: &str) {
+        self.generation += 1;
+        let version = format!("..2026_11_25_{}", self.generation);
+        let dir = self.root.join(&version);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("tls.crt"), cert_pem).unwrap();
+        std::fs::write(dir.join("tls.key"), key_pem).unwrap();
+        let staging = self.root.join("..data_tmp");
+        std::os::unix::fs::symlink(&version, &staging).unwrap();
+        std::fs::rename(&staging, self.root.join("..data")).unwrap();
+    }
+
+    fn cert(&self) -> std::path::PathBuf {
+        self.root.join("tls.crt")
+    }
+
+    fn key(&self) -> std::path::PathBuf {
+        self.root.join("tls.key")
+    }
+}
+
+/// The serial of the certificate `openssl s_client` is shown, or `None` without openssl.
+fn openssl_serial(addr: std::net::SocketAddr) -> Option<String> {
+    if !have("openssl", "comparing serials with openssl") {
+        return None;
+    }
+    let shown = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            "localhost",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    let mut x509 = Command::new("openssl")
+        .args(["x509", "-noout", "-serial"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    x509.stdin.take().unwrap().write_all(&shown.stdout).unwrap();
+    let output = x509.wait_with_output().unwrap();
+    let text = String::from_utf8(output.stdout).unwrap();
+    Some(text.trim().strip_prefix("serial=").unwrap().to_string())
+}
+
+#[test]
+fn a_rotated_certificate_serves_new_connections_while_kept_alive_ones_go_on() {
+    let root = Ca::new("lfguard test root");
+    let first = root.server();
+    let second = root.server();
+    assert_ne!(first.serial, second.serial);
+    let backend = Backend::start();
+    let dir = tempfile::tempdir().unwrap();
+    let secret_dir = dir.path().join("tls");
+    std::fs::create_dir(&secret_dir).unwrap();
+    let mut mounted = MountedTlsSecret::new(&secret_dir, &first);
+    let lfguard = start_tls_files(
+        &backend,
+        dir,
+        &mounted.cert(),
+        &mounted.key(),
+        "reload_interval = \"100ms\"",
+    );
+    let config = client_config(&root.pem(), None);
+    let mut kept = TlsConnection::open(lfguard.addr, config.clone()).unwrap();
+    assert_eq!(kept.serial(), first.serial);
+    let response = kept
+        .exchange(&kept_alive(&Callback::signed(sms_body())))
+        .unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(
+        openssl_serial(lfguard.addr).unwrap_or(first.serial.clone()),
+        first.serial
+    );
+
+    mounted.update(&second.cert_pem, &second.key_pem);
+    let reloaded = lfguard.wait_for_log(|e| e["message"] == "listener certificate reloaded");
+    assert_eq!(reloaded["serial"], second.serial.as_str());
+    assert_eq!(reloaded["trigger"], "file change");
+
+    // The kept-alive connection goes on with the certificate it was opened with.
+    let response = kept
+        .exchange(&Callback::signed(sms_body()).to_bytes())
+        .unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(kept.serial(), first.serial);
+    // A new connection sees the new certificate.
+    let fresh = TlsConnection::open(lfguard.addr, config).unwrap();
+    assert_eq!(fresh.serial(), second.serial);
+    assert_eq!(
+        openssl_serial(lfguard.addr).unwrap_or(second.serial.clone()),
+        second.serial
+    );
+    let text = admin_get(lfguard.admin, "/metrics").text();
+    assert_eq!(
+        sample(
+            &text,
+            "lfguard_tls_certificate_expiry_timestamp_seconds{role=\"listener\"}"
+        ),
+        Some(second.not_after as f64)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "lfguard_tls_certificate_reloads_total{result=\"success\",role=\"listener\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(backend.count(), 2);
+}
+
+#[test]
+fn a_bad_replacement_keeps_the_certificate_in_use_until_a_good_one_arrives() {
+    let root = Ca::new("lfguard test root");
+    let first = root.server();
+    let second = root.server();
+    let backend = Backend::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = first.write(dir.path(), "server");
+    let lfguard = start_tls_files(&backend, dir, &cert, &key, "reload_interval = \"100ms\"");
+    let config = client_config(&root.pem(), None);
+    let metric =
+        |series: &str| sample(&admin_get(lfguard.admin, "/metrics").text(), series).unwrap_or(0.0);
+    let failures = "lfguard_tls_certificate_reloads_total{result=\"failure\",role=\"listener\"}";
+    assert_eq!(metric(failures), 0.0);
+
+    // The new certificate with the old key: they do not belong together.
+    std::fs::write(&cert, &second.cert_pem).unwrap();
+    let failed = lfguard.wait_for_log(|e| {
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("listener certificate reload failed"))
+    });
+    assert!(
+        failed["problems"]
+            .as_str()
+            .unwrap()
+            .contains("server.tls.key_file: is not the key of the certificate"),
+        "{failed}"
+    );
+    assert_eq!(metric(failures), 1.0);
+    let still = TlsConnection::open(lfguard.addr, config.clone()).unwrap();
+    assert_eq!(still.serial(), first.serial);
+    assert_eq!(admin_get(lfguard.admin, "/readyz").status, 200);
+
+    // The key follows, and SIGHUP applies the pair at once.
+    std::fs::write(&key, &second.key_pem).unwrap();
+    lfguard.signal("HUP");
+    lfguard.wait_for_log(|e| {
+        e["message"] == "listener certificate reloaded" && e["serial"] == second.serial.as_str()
+    });
+    assert_eq!(
+        TlsConnection::open(lfguard.addr, config).unwrap().serial(),
+        second.serial
+    );
+    // Reported once, not on every poll.
+    assert_eq!(metric(failures), 1.0);
+}
+
+#[test]
+fn a_stalled_handshake_holds_a_connection_slot_and_times_out() {
+    let root = Ca::new("lfguard test root");
+    let backend = Backend::start();
+    let lfguard = start_tls(
+        &backend,
+        &root.server(),
+        "[server]\nmax_connections = 1\nheader_read_timeout = \"1s\"",
+    );
+    // A client that connects and says nothing holds the one slot ...
+    let mut stalled = TcpStream::connect(lfguard.addr).unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let open = |lfguard: &Lfguard| {
+        let text = admin_get(lfguard.admin, "/metrics").text();
+        sample(&text, "lfguard_connections{listener=\"proxy\"}").unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while open(&lfguard) < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "never admitted");
+        std::thread::yield_now();
+    }
+    // ... until the handshake timeout closes it.
+    let mut buf = [0u8; 1];
+    let started = std::time::Instant::now();
+    assert_eq!(stalled.read(&mut buf).unwrap_or(0), 0);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let text = admin_get(lfguard.admin, "/metrics").text();
+    assert_eq!(
+        sample(
+            &text,
+            "lfguard_tls_handshake_failures_total{reason=\"timeout\",role=\"listener\"}"
+        ),
+        Some(1.0)
+    );
+
+    // At the cap, a connection still in its handshake is closed for a new one, like an idle one.
+    let mut stalled = TcpStream::connect(lfguard.addr).unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while open(&lfguard) < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "never admitted");
+        std::thread::yield_now();
+    }
+    let mut connection =
+        TlsConnection::open(lfguard.addr, client_config(&root.pem(), None)).unwrap();
+    assert_eq!(stalled.read(&mut buf).unwrap_or(0), 0);
+    let response = connection
+        .exchange(&Callback::signed(sms_body()).to_bytes())
+        .unwrap();
+    assert_eq!(response.status, 200);
+    let text = admin_get(lfguard.admin, "/metrics").text();
+    assert_eq!(
+        sample(&text, "lfguard_connections_shed_total{listener=\"proxy\"}"),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn readiness_fails_once_the_listener_certificate_expires() {
+    let root = Ca::new("lfguard test root");
+    let now = now_millis() as i64 / 1000;
+    // Valid for a few seconds more: long enough to start, short enough to wait for.
+    let identity = root.server_valid(now - 3600, now + 4);
+    let backend = Backend::start();
+    let lfguard = start_tls(&backend, &identity, "");
+    if now_millis() as i64 / 1000 < identity.not_after {
+        let ready = admin_get(lfguard.admin, "/readyz");
+        if now_millis() as i64 / 1000 < identity.not_after {
+            assert_eq!(ready.status, 200, "{}", ready.text());
+        }
+    } else {
+        println!("the machine took too long to start lfguard to see it ready first");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let unready = loop {
+        let response = admin_get(lfguard.admin, "/readyz");
+        if response.status == 503 {
+            break response;
+        }
+        assert!(std::time::Instant::now() < deadline, "still ready");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        unready.text().contains("listener certificate expired"),
+        "{}",
+        unready.text()
+    );
+}
