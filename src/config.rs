@@ -228,8 +228,12 @@ impl Config {
     pub fn certificates(&self) -> Result<Vec<String>, Vec<String>> {
         let mut notes = Vec::new();
         let mut problems = Vec::new();
-        if let Some(files) = &self.server.tls {
-            match crate::server::tls::check(files) {
+        let listener = match &self.server.tls {
+            Some(files) => crate::server::tls::check(files),
+            None => Ok(Vec::new()),
+        };
+        for checked in [listener, self.upstream.certificates()] {
+            match checked {
                 Ok(found) => notes.extend(found),
                 Err(found) => problems.extend(found),
             }

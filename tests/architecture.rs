@@ -61,6 +61,7 @@ const LAYERS: &[(&str, Layer)] = &[
     ("proxy::routes", Proxy),
     ("proxy::upstream", Proxy),
     ("proxy::upstream::body", Proxy),
+    ("proxy::upstream::tls", Proxy),
     ("server", Server),
     ("server::admin", Server),
     ("server::config", Server),

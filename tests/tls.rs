@@ -586,3 +586,204 @@ fn readiness_fails_once_the_listener_certificate_expires() {
         unready.text()
     );
 }
+
+// ---------------------------------------------------------------- https backends
+
+/// lfguard (plain HTTP) in front of `backend` with `upstream` TOML lines in `[upstream]`.
+fn start_before_https(backend_url: &str, upstream: &str) -> Lfguard {
+    let mut config = base_config(backend_url);
+    merge(&mut config, &format!("[upstream]\n{upstream}"));
+    Lfguard::start_with(config, &[])
+}
+
+fn upstream_failures(lfguard: &Lfguard, reason: &str) -> f64 {
+    let text = admin_get(lfguard.admin, "/metrics").text();
+    sample(
+        &text,
+        &format!("lfguard_tls_handshake_failures_total{{reason=\"{reason}\",role=\"upstream\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+#[test]
+fn an_https_backend_with_a_private_ca_gets_callbacks_on_kept_alive_connections() {
+    let private = Ca::new("backend private CA");
+    let identity = private.intermediate("backend issuing CA").server();
+    let backend = Backend::start_tls(BackendTls::new(&identity, None));
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write_pem(dir.path(), "private-ca.pem", &private.pem());
+    let lfguard = start_before_https(
+        &backend.url(),
+        &format!("ca_file = {:?}", ca_file.display().to_string()),
+    );
+    for _ in 0..3 {
+        let callback = Callback::signed(sms_body());
+        let response = lfguard.post(&callback);
+        assert_eq!(response.status, 200, "{}", response.text());
+        let received = backend
+            .requests()
+            .into_iter()
+            .find(|r| r.body == callback.body)
+            .unwrap();
+        assert_eq!(received.header("x-lfguard-verified"), Some("true"));
+        // `Host` is the caller's, as over http.
+        assert_eq!(received.header("host"), Some("lfguard.test"));
+    }
+    assert_eq!(backend.connections(), 1, "one kept-alive connection");
+    let text = admin_get(lfguard.admin, "/metrics").text();
+    assert_eq!(
+        sample(
+            &text,
+            "lfguard_tls_certificate_expiry_timestamp_seconds{role=\"upstream\"}"
+        ),
+        Some(identity.not_after as f64)
+    );
+}
+
+#[test]
+fn an_https_backend_whose_certificate_is_not_trusted_gets_502_with_the_reason_logged() {
+    let private = Ca::new("backend private CA");
+    let backend = Backend::start_tls(BackendTls::new(&private.server(), None));
+    let dir = tempfile::tempdir().unwrap();
+    let other = write_pem(dir.path(), "other-ca.pem", &Ca::new("another CA").pem());
+    let lfguard = start_before_https(
+        &backend.url(),
+        &format!("ca_file = {:?}", other.display().to_string()),
+    );
+    let callback = Callback::signed(sms_body());
+    let response = lfguard.post(&callback);
+    assert_eq!(
+        (response.status, response.code().as_str()),
+        (502, "upstream_unavailable")
+    );
+    // The caller learns nothing inside; the log says why.
+    assert!(
+        !response.text().contains("certificate"),
+        "{}",
+        response.text()
+    );
+    let event = lfguard.wait_for_log(|e| e["code"] == "upstream_unavailable");
+    assert!(
+        event["reason"].as_str().unwrap().contains("UnknownIssuer"),
+        "{event}"
+    );
+    assert_eq!(upstream_failures(&lfguard, "unknown_issuer"), 1.0);
+    assert_eq!(backend.count(), 0);
+    // The claim was released: the retry is forwarded once the backend is trusted (not here).
+    assert_eq!(lfguard.post(&callback.with_new_delivery_id()).status, 502);
+}
+
+#[test]
+fn the_verified_name_can_differ_from_the_url_host() {
+    let private = Ca::new("backend private CA");
+    let backend = Backend::start_tls(BackendTls::new(&private.server(), None));
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write_pem(dir.path(), "private-ca.pem", &private.pem());
+    let ca = format!("ca_file = {:?}", ca_file.display().to_string());
+    // Reached by an address, verified as the name its certificate has.
+    let url = format!("https://127.0.0.1:{}", backend.addr.port());
+    let lfguard = start_before_https(&url, &format!("{ca}\nserver_name = \"localhost\""));
+    assert_eq!(lfguard.post(&Callback::signed(sms_body())).status, 200);
+    let lfguard = start_before_https(&url, &format!("{ca}\nserver_name = \"backend.example\""));
+    assert_eq!(lfguard.post(&Callback::signed(sms_body())).status, 502);
+    assert_eq!(upstream_failures(&lfguard, "name_mismatch"), 1.0);
+    assert_eq!(backend.count(), 1);
+}
+
+#[test]
+fn an_https_backend_requiring_a_client_certificate_gets_lfguards() {
+    let private = Ca::new("backend private CA");
+    let clients = Ca::new("backend client CA");
+    let backend = Backend::start_tls(BackendTls::new(&private.server(), Some(&clients)));
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write_pem(dir.path(), "private-ca.pem", &private.pem());
+    let ca = format!("ca_file = {:?}", ca_file.display().to_string());
+
+    let without = start_before_https(&backend.url(), &ca);
+    assert_eq!(without.post(&Callback::signed(sms_body())).status, 502);
+    assert_eq!(backend.count(), 0);
+    assert!(!backend.handshake_failures().is_empty());
+
+    let identity = clients.client("lfguard");
+    let (cert, key) = identity.write(dir.path(), "lfguard-client");
+    let with = start_before_https(
+        &backend.url(),
+        &format!(
+            "{ca}\nclient_cert_file = {:?}\nclient_key_file = {:?}",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    );
+    let callback = Callback::signed(sms_body());
+    assert_eq!(with.post(&callback).status, 200);
+    assert_eq!(backend.requests()[0].body, callback.body);
+    let text = admin_get(with.admin, "/metrics").text();
+    assert_eq!(
+        sample(
+            &text,
+            "lfguard_tls_certificate_expiry_timestamp_seconds{role=\"upstream_client\"}"
+        ),
+        Some(identity.not_after as f64)
+    );
+}
+
+#[test]
+fn a_tls_backend_connection_closed_while_idle_is_not_used() {
+    let private = Ca::new("backend private CA");
+    let mut tls = BackendTls::new(&private.server(), None);
+    // The backend's keep-alive timeout.
+    tls.idle_timeout = Some(Duration::from_millis(300));
+    let backend = Backend::start_tls(tls);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write_pem(dir.path(), "private-ca.pem", &private.pem());
+    let lfguard = start_before_https(
+        &backend.url(),
+        &format!("ca_file = {:?}", ca_file.display().to_string()),
+    );
+    assert_eq!(lfguard.post(&Callback::signed(sms_body())).status, 200);
+    // The scenario, not synchronisation: idle past the backend's keep-alive timeout.
+    std::thread::sleep(Duration::from_millis(1300));
+    let callback = Callback::signed(sms_body());
+    assert_eq!(lfguard.post(&callback).status, 200);
+    assert_eq!(backend.count(), 2);
+    assert_eq!(backend.connections(), 2);
+}
+
+#[test]
+fn lfguards_client_certificate_is_reloaded_when_its_files_change() {
+    let private = Ca::new("backend private CA");
+    let clients = Ca::new("backend client CA");
+    let backend = Backend::start_tls(BackendTls::new(&private.server(), Some(&clients)));
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write_pem(dir.path(), "private-ca.pem", &private.pem());
+    let now = now_millis() as i64 / 1000;
+    let first = clients.client_until("lfguard", now + 10 * 86_400);
+    let second = clients.client_until("lfguard", now + 20 * 86_400);
+    let (cert, key) = first.write(dir.path(), "client");
+    let mut config = base_config(&backend.url());
+    merge(
+        &mut config,
+        &format!(
+            "reload_interval = \"100ms\"\n[upstream]\nca_file = {:?}\nclient_cert_file = {:?}\nclient_key_file = {:?}",
+            ca_file.display().to_string(),
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    );
+    let lfguard = Lfguard::start_with(config, &[]);
+    assert_eq!(lfguard.post(&Callback::signed(sms_body())).status, 200);
+    let expiry = |lfguard: &Lfguard| {
+        let text = admin_get(lfguard.admin, "/metrics").text();
+        sample(
+            &text,
+            "lfguard_tls_certificate_expiry_timestamp_seconds{role=\"upstream_client\"}",
+        )
+    };
+    assert_eq!(expiry(&lfguard), Some(first.not_after as f64));
+
+    second.write(dir.path(), "client");
+    lfguard.wait_for_log(|e| e["message"] == "upstream certificate files reloaded");
+    assert_eq!(expiry(&lfguard), Some(second.not_after as f64));
+    assert_eq!(lfguard.post(&Callback::signed(sms_body())).status, 200);
+    assert_eq!(backend.count(), 2);
+}

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::Config;
 use crate::proxy::framing::Watched;
 use crate::proxy::limits::BodyBudget;
+use crate::proxy::upstream::Upstream;
 use crate::proxy::{Peer, Proxy, Settings};
 use crate::server::admin::Admin;
 use crate::server::connections::Connections;
@@ -85,6 +86,11 @@ async fn start(
         )),
         None => None,
     };
+    let upstream = Arc::new(
+        Upstream::new(&config.upstream)
+            .map_err(|err| format!("upstream: {err}"))?
+            .with_metrics(metrics.clone()),
+    );
     let shared = Arc::new(Shared {
         secrets: Arc::new(ArcSwap::from_pointee(secrets)),
         replay: AnyStore::from_config(&config.replay).map_err(|err| err.0)?,
@@ -101,6 +107,7 @@ async fn start(
         ),
         metrics,
         listener_tls,
+        upstream: upstream.clone(),
         draining: Arc::new(AtomicBool::new(false)),
         config: config.clone(),
         config_path,
@@ -125,6 +132,7 @@ async fn start(
 
     let proxy = Arc::new(Proxy::new(
         proxy_settings(&config),
+        upstream,
         shared.secrets.clone(),
         shared.replay.clone(),
         shared.metrics.clone(),

@@ -1,6 +1,7 @@
-//! Reloading partners, secrets and modes, and the listener's certificate: on SIGHUP, and when the
-//! config file, a secret source or a certificate file changes. The configuration is re-read
-//! whole; only `SecretStore` and the listener's TLS configuration are swapped.
+//! Reloading partners, secrets and modes, and the certificate files (the listener's, an https
+//! upstream's): on SIGHUP, and when the config file, a secret source or a certificate file
+//! changes. The configuration is re-read whole; only `SecretStore` and the TLS configurations are
+//! swapped.
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ pub fn reload(shared: &Shared, trigger: &'static str) {
     if let Some(tls) = &shared.listener_tls {
         tls.reload(trigger, true);
     }
+    shared.upstream.reload_tls(trigger, true);
 }
 
 /// The configuration as it is now on disk and in the environment, and its secrets.
@@ -87,6 +89,7 @@ pub async fn watch(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         if let Some(tls) = &shared.listener_tls {
             tls.reload("file change", false);
         }
+        shared.upstream.reload_tls("file change", false);
     }
 }
 

@@ -10,8 +10,9 @@
 //! load keeps the one in use.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -24,7 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use crate::server::config::ListenerTlsConfig;
-use crate::state::certs::{self, Leaf, PairFile};
+use crate::state::certs::{self, Contents, FileWatch, Leaf, PairFile, Reloaded};
 use crate::telemetry::metrics::Metrics;
 
 /// The metrics' label for the proxy port's TLS.
@@ -46,57 +47,25 @@ const PLAIN_HTTP_DRAIN_BYTES: usize = 64 * 1024;
 
 /// The proxy port's TLS: the configuration new connections get, and the files it came from.
 pub struct ListenerTls {
-    files: ListenerTlsConfig,
     current: ArcSwap<ServerConfig>,
     /// `notAfter` of the certificate in use.
     not_after: AtomicI64,
-    watch: Mutex<Watch>,
+    watch: FileWatch,
     handshake_timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
-/// What the files held when last read.
-struct Watch {
-    /// The contents of the configuration in use.
-    in_use: Contents,
-    /// The last read, good or bad.
-    last: Result<Contents, Vec<String>>,
-    /// The failed read last logged and counted, so that it is reported once.
-    reported: Option<Result<Contents, Vec<String>>>,
-}
-
-/// The bytes of the certificate files.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Contents {
-    cert: Vec<u8>,
-    key: Vec<u8>,
-    client_ca: Option<Vec<u8>>,
-}
-
-impl Contents {
-    fn read(files: &ListenerTlsConfig) -> Result<Self, Vec<String>> {
-        let cert =
-            certs::read(&files.cert_file).map_err(|err| format!("server.tls.cert_file: {err}"));
-        let key = certs::read(&files.key_file).map_err(|err| format!("server.tls.key_file: {err}"));
-        let client_ca = files
-            .client_ca_file
-            .as_deref()
-            .map(|path| {
-                certs::read(path).map_err(|err| format!("server.tls.client_ca_file: {err}"))
-            })
-            .transpose();
-        match (cert, key, client_ca) {
-            (Ok(cert), Ok(key), Ok(client_ca)) => Ok(Contents {
-                cert,
-                key,
-                client_ca,
-            }),
-            (cert, key, client_ca) => Err([cert.err(), key.err(), client_ca.err()]
-                .into_iter()
-                .flatten()
-                .collect()),
-        }
+/// The files of `[server.tls]`, named by their keys: the certificate, its key, and the client
+/// CAs when set.
+fn files_of(config: &ListenerTlsConfig) -> Vec<(&'static str, PathBuf)> {
+    let mut files = vec![
+        ("server.tls.cert_file", config.cert_file.clone()),
+        ("server.tls.key_file", config.key_file.clone()),
+    ];
+    if let Some(client_ca) = &config.client_ca_file {
+        files.push(("server.tls.client_ca_file", client_ca.clone()));
     }
+    files
 }
 
 /// What `build` makes of the files: the configuration, the certificate it presents and the
@@ -107,12 +76,12 @@ struct Built {
     client_ca: Option<(usize, Leaf)>,
 }
 
-/// rustls' configuration for `contents`; every problem, each naming its key. Each has a session
-/// cache of its own: after a rotation no client resumes a session of the old certificate, every
-/// new connection is shown the new one.
+/// rustls' configuration of the files' `contents` (in the order of `files_of`); every problem,
+/// each naming its key. Each has a session cache of its own: after a rotation no client resumes
+/// a session of the old certificate, every new connection is shown the new one.
 fn build(contents: &Contents, now: i64) -> Result<Built, Vec<String>> {
     let mut problems = Vec::new();
-    let pair = certs::certified_key(&contents.cert, &contents.key, now).map_err(|(file, err)| {
+    let pair = certs::certified_key(&contents[0], &contents[1], now).map_err(|(file, err)| {
         let key = match file {
             PairFile::Cert => "server.tls.cert_file",
             PairFile::Key => "server.tls.key_file",
@@ -120,9 +89,8 @@ fn build(contents: &Contents, now: i64) -> Result<Built, Vec<String>> {
         problems.push(format!("{key}: {err}"));
     });
     let client_ca = contents
-        .client_ca
-        .as_deref()
-        .map(certs::parse_roots)
+        .get(2)
+        .map(|pem| certs::parse_roots(pem))
         .transpose()
         .map_err(|err| problems.push(format!("server.tls.client_ca_file: {err}")));
     let (Ok((certified, leaf)), Ok(client_ca)) = (pair, client_ca) else {
@@ -158,7 +126,7 @@ fn build(contents: &Contents, now: i64) -> Result<Built, Vec<String>> {
 /// For `check-config`: the problems of `[server.tls]`'s files, or a line on each saying when it
 /// expires.
 pub fn check(files: &ListenerTlsConfig) -> Result<Vec<String>, Vec<String>> {
-    let contents = Contents::read(files)?;
+    let contents = certs::read_all(&files_of(files))?;
     let now = certs::unix_now();
     let built = build(&contents, now)?;
     let mut notes = vec![format!(
@@ -184,8 +152,9 @@ impl ListenerTls {
         handshake_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Self, Vec<String>> {
-        let contents = Contents::read(files)?;
-        let built = build(&contents, certs::unix_now())?;
+        let (watch, built) = FileWatch::start(files_of(files), |contents| {
+            build(contents, certs::unix_now())
+        })?;
         metrics.tls_certificate_expiry(ROLE, built.leaf.not_after);
         metrics.tls_reloads_start(ROLE);
         tracing::info!(
@@ -195,14 +164,9 @@ impl ListenerTls {
             "listener certificate loaded"
         );
         Ok(ListenerTls {
-            files: files.clone(),
             current: ArcSwap::from_pointee(built.config),
             not_after: AtomicI64::new(built.leaf.not_after),
-            watch: Mutex::new(Watch {
-                last: Ok(contents.clone()),
-                in_use: contents,
-                reported: None,
-            }),
+            watch,
             handshake_timeout,
             metrics,
         })
@@ -222,32 +186,15 @@ impl ListenerTls {
     }
 
     /// Re-reads the files and swaps in a new configuration when they changed and load. A pair
-    /// that does not load keeps the one in use; it is logged and counted once. The file watch
-    /// (`explicit` false) reports it only once the same contents were read twice in a row:
-    /// certbot and cert-manager write a certificate and its key one after the other, and a read
-    /// between the two is no failure. SIGHUP (`explicit`) reports at once.
+    /// that does not load keeps the one in use; it is logged and counted once (see
+    /// `FileWatch::reload`; SIGHUP is `explicit`).
     pub fn reload(&self, trigger: &'static str, explicit: bool) {
-        let read = Contents::read(&self.files);
-        let mut watch = self
+        match self
             .watch
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if read
-            .as_ref()
-            .is_ok_and(|contents| *contents == watch.in_use)
+            .reload(explicit, |contents| build(contents, certs::unix_now()))
         {
-            watch.last = read;
-            watch.reported = None;
-            return;
-        }
-        let built = match &read {
-            Ok(contents) => {
-                build(contents, certs::unix_now()).map(|built| (built, contents.clone()))
-            }
-            Err(problems) => Err(problems.clone()),
-        };
-        match built {
-            Ok((built, contents)) => {
+            Reloaded::Unchanged | Reloaded::Pending => {}
+            Reloaded::Applied(built) => {
                 self.current.store(Arc::new(built.config));
                 self.not_after
                     .store(built.leaf.not_after, Ordering::Relaxed);
@@ -260,30 +207,23 @@ impl ListenerTls {
                     not_after = %certs::date(built.leaf.not_after),
                     "listener certificate reloaded"
                 );
-                watch.in_use = contents;
-                watch.reported = None;
             }
-            Err(problems) => {
-                let settled = explicit || watch.last == read;
-                if settled && watch.reported.as_ref() != Some(&read) {
-                    tracing::error!(
-                        trigger,
-                        problems = %problems.join("; "),
-                        "listener certificate reload failed; keeping the certificate in use"
-                    );
-                    self.metrics.tls_certificate_reload(ROLE, false);
-                    watch.reported = Some(read.clone());
-                }
+            Reloaded::Failed(problems) => {
+                tracing::error!(
+                    trigger,
+                    problems = %problems.join("; "),
+                    "listener certificate reload failed; keeping the certificate in use"
+                );
+                self.metrics.tls_certificate_reload(ROLE, false);
             }
         }
-        watch.last = read;
     }
 
     /// The handshake of an accepted connection within `server.header_read_timeout`: the
     /// decrypted stream, or `None` when it failed (counted by reason).
     pub async fn accept(
         &self,
-        mut stream: TcpStream,
+        stream: TcpStream,
         peer: SocketAddr,
     ) -> Option<TlsStream<TcpStream>> {
         let config = self.current.load_full();

@@ -3,8 +3,8 @@
 //! what it reads with what it read last), a chain checked against its key, and when a certificate
 //! is valid. Also the names under which failed handshakes are counted.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -244,6 +244,128 @@ pub fn certified_key(
     Ok((Arc::new(certified), leaf))
 }
 
+/// The bytes of a set of files, in the order they were named.
+pub type Contents = Vec<Vec<u8>>;
+
+/// Reads every file, each named by its configuration key; every problem, each naming its key.
+pub fn read_all(files: &[(&'static str, PathBuf)]) -> Result<Contents, Vec<String>> {
+    let mut contents = Vec::with_capacity(files.len());
+    let mut problems = Vec::new();
+    for (key, path) in files {
+        match read(path) {
+            Ok(bytes) => contents.push(bytes),
+            Err(err) => problems.push(format!("{key}: {err}")),
+        }
+    }
+    if problems.is_empty() {
+        Ok(contents)
+    } else {
+        Err(problems)
+    }
+}
+
+/// The certificate files of one TLS configuration, and what they held when last read: a reload
+/// builds a new configuration only when they changed, compared by content (which notices a
+/// Kubernetes Secret's symlink swap, which leaves modification times alone).
+pub struct FileWatch {
+    files: Vec<(&'static str, PathBuf)>,
+    state: Mutex<WatchState>,
+}
+
+struct WatchState {
+    /// The contents of the configuration in use.
+    in_use: Contents,
+    /// The last read, good or bad.
+    last: Result<Contents, Vec<String>>,
+    /// The failed read last reported, so that it is reported once.
+    reported: Option<Result<Contents, Vec<String>>>,
+}
+
+/// What a reload came to.
+#[derive(Debug)]
+pub enum Reloaded<T> {
+    /// The files hold what is in use.
+    Unchanged,
+    /// They changed, and this was built of them: it is to be used from now on.
+    Applied(T),
+    /// They changed and do not load: to be logged and counted; the one in use stays.
+    Failed(Vec<String>),
+    /// They do not load, and this was reported already or may be a replacement half-way.
+    Pending,
+}
+
+impl FileWatch {
+    /// Reads `files` and builds the first configuration of them.
+    pub fn start<T>(
+        files: Vec<(&'static str, PathBuf)>,
+        build: impl FnOnce(&Contents) -> Result<T, Vec<String>>,
+    ) -> Result<(Self, T), Vec<String>> {
+        let contents = read_all(&files)?;
+        let built = build(&contents)?;
+        let state = WatchState {
+            in_use: contents.clone(),
+            last: Ok(contents),
+            reported: None,
+        };
+        Ok((
+            FileWatch {
+                files,
+                state: Mutex::new(state),
+            },
+            built,
+        ))
+    }
+
+    /// Re-reads the files and, when they differ from those in use, builds anew of them. A
+    /// failure is reported once. From the file watch (`explicit` false) only once the same
+    /// contents were read twice in a row: certbot and cert-manager write a certificate and its
+    /// key one after the other, and a read between the two is no failure. On SIGHUP (`explicit`)
+    /// at once.
+    pub fn reload<T>(
+        &self,
+        explicit: bool,
+        build: impl FnOnce(&Contents) -> Result<T, Vec<String>>,
+    ) -> Reloaded<T> {
+        let read = read_all(&self.files);
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let outcome = match &read {
+            Ok(contents) if *contents == state.in_use => {
+                state.reported = None;
+                Reloaded::Unchanged
+            }
+            Ok(contents) => match build(contents) {
+                Ok(built) => {
+                    state.in_use = contents.clone();
+                    state.reported = None;
+                    Reloaded::Applied(built)
+                }
+                Err(problems) => Self::failed(&mut state, &read, explicit, problems),
+            },
+            Err(problems) => Self::failed(&mut state, &read, explicit, problems.clone()),
+        };
+        state.last = read;
+        outcome
+    }
+
+    fn failed<T>(
+        state: &mut WatchState,
+        read: &Result<Contents, Vec<String>>,
+        explicit: bool,
+        problems: Vec<String>,
+    ) -> Reloaded<T> {
+        let settled = explicit || state.last == *read;
+        if settled && state.reported.as_ref() != Some(read) {
+            state.reported = Some(read.clone());
+            Reloaded::Failed(problems)
+        } else {
+            Reloaded::Pending
+        }
+    }
+}
+
 /// A failed handshake's reason, as the metric labels it. `err` is what tokio-rustls returned.
 pub fn failure_reason(err: &std::io::Error) -> &'static str {
     if let Some(tls) = err
@@ -436,5 +558,46 @@ VymROo7D3fXzIvTDVSNAZRMzQHkJbtF3+Iebkic=
             failure_reason(&std::io::ErrorKind::UnexpectedEof.into()),
             "closed"
         );
+    }
+
+    #[test]
+    fn a_file_watch_builds_on_change_and_reports_a_failure_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cert.pem");
+        std::fs::write(&path, "good 1").unwrap();
+        let build = |contents: &Contents| -> Result<String, Vec<String>> {
+            let text = String::from_utf8(contents[0].clone()).unwrap();
+            if text.starts_with("good") {
+                Ok(text)
+            } else {
+                Err(vec![format!("x.cert_file: {text}")])
+            }
+        };
+        let (watch, first) = FileWatch::start(vec![("x.cert_file", path.clone())], build).unwrap();
+        assert_eq!(first, "good 1");
+        assert!(matches!(watch.reload(false, build), Reloaded::Unchanged));
+
+        std::fs::write(&path, "good 2").unwrap();
+        assert!(matches!(watch.reload(false, build), Reloaded::Applied(text) if text == "good 2"));
+
+        // A bad read is reported once it reads the same twice (a replacement half-way is not).
+        std::fs::write(&path, "bad").unwrap();
+        assert!(matches!(watch.reload(false, build), Reloaded::Pending));
+        assert!(
+            matches!(watch.reload(false, build), Reloaded::Failed(p) if p == ["x.cert_file: bad"])
+        );
+        assert!(matches!(watch.reload(false, build), Reloaded::Pending));
+        // A file that went missing is as bad, and SIGHUP reports at once.
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            matches!(watch.reload(true, build), Reloaded::Failed(p) if p[0].starts_with("x.cert_file: "))
+        );
+        assert!(matches!(watch.reload(true, build), Reloaded::Pending));
+
+        // Back to what is in use: nothing to do; the same bad contents later are reported again.
+        std::fs::write(&path, "good 2").unwrap();
+        assert!(matches!(watch.reload(false, build), Reloaded::Unchanged));
+        std::fs::write(&path, "bad").unwrap();
+        assert!(matches!(watch.reload(true, build), Reloaded::Failed(_)));
     }
 }

@@ -101,6 +101,8 @@ struct BackendState {
     script: Mutex<VecDeque<Reply>>,
     default_reply: Mutex<Reply>,
     handshake_failures: Mutex<Vec<String>>,
+    /// Connections served (for a TLS backend, those whose handshake completed).
+    connections: std::sync::atomic::AtomicUsize,
 }
 
 /// Serves one backend connection; with `idle_timeout`, a kept-alive connection idle that long
@@ -109,6 +111,9 @@ async fn serve_backend<S>(stream: S, state: Arc<BackendState>, idle_timeout: Opt
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    state
+        .connections
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let service = service_fn(move |request| record(state.clone(), request));
     let mut builder = http1::Builder::new();
     if let Some(idle) = idle_timeout {
@@ -202,6 +207,13 @@ impl Backend {
             "https" => format!("https://localhost:{}", self.addr.port()),
             _ => format!("http://{}", self.addr),
         }
+    }
+
+    /// Connections served so far.
+    pub fn connections(&self) -> usize {
+        self.state
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// What failed TLS handshakes said (a TLS backend's).

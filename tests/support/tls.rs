@@ -99,14 +99,18 @@ impl Ca {
         )
     }
 
-    /// A client certificate named `name`.
+    /// A client certificate named `name`, valid for 30 days.
     pub fn client(&self, name: &str) -> Issued {
-        let now = unix_now();
+        self.client_until(name, unix_now() + 30 * 86_400)
+    }
+
+    /// A client certificate named `name`, valid until `not_after`.
+    pub fn client_until(&self, name: &str, not_after: i64) -> Issued {
         self.issue(
             vec![name.to_string()],
             ExtendedKeyUsagePurpose::ClientAuth,
-            now - 3600,
-            now + 30 * 86_400,
+            unix_now() - 3600,
+            not_after,
         )
     }
 
