@@ -787,3 +787,193 @@ fn lfguards_client_certificate_is_reloaded_when_its_files_change() {
     assert_eq!(lfguard.post(&Callback::signed(sms_body())).status, 200);
     assert_eq!(backend.count(), 2);
 }
+
+// ---------------------------------------------------------------- check-config and metrics
+
+fn check_config(config: &Path) -> (i32, String, String) {
+    run_cli(
+        &["check-config", "--config", config.to_str().unwrap()],
+        None,
+        &[],
+    )
+}
+
+#[test]
+fn check_config_loads_the_certificate_files_and_says_when_each_expires() {
+    let root = Ca::new("lfguard test root");
+    let identity = root.intermediate("issuing").server();
+    let clients = root.client("lfguard");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = identity.write(dir.path(), "server");
+    let (client_cert, client_key) = clients.write(dir.path(), "client");
+    let ca = write_pem(dir.path(), "ca.pem", &root.pem());
+    let config = write_file(
+        dir.path(),
+        "lfguard.toml",
+        &format!(
+            "[server.tls]\ncert_file = {cert:?}\nkey_file = {key:?}\nclient_ca_file = {ca:?}\n\
+             [upstream]\nurl = \"https://backend.example:8443\"\nca_file = {ca:?}\n\
+             client_cert_file = {client_cert:?}\nclient_key_file = {client_key:?}\n\
+             [partners.P1]\nsecrets = [\"s\"]\n"
+        ),
+    );
+    let (code, out, err) = check_config(&config);
+    assert_eq!(code, 0, "{err}");
+    for expected in [
+        format!(
+            "# server.tls.cert_file: {}: serial {}, expires ",
+            cert.display(),
+            identity.serial
+        ),
+        format!(
+            "# server.tls.client_ca_file: {}: 1 CA certificate(s)",
+            ca.display()
+        ),
+        format!(
+            "# upstream.ca_file: {}: the first CA to expire expires ",
+            ca.display()
+        ),
+        format!(
+            "# upstream.client_cert_file: {}: serial {}, expires ",
+            client_cert.display(),
+            clients.serial
+        ),
+    ] {
+        assert!(out.contains(&expected), "no {expected:?} in\n{out}");
+    }
+    assert!(
+        out.contains(", in 29 days\n") || out.contains(", in 30 days\n"),
+        "{out}"
+    );
+    // Still the effective configuration as TOML.
+    let effective: toml::Table = out.parse().unwrap();
+    assert_eq!(
+        effective["server"]["tls"]["cert_file"].as_str(),
+        Some(cert.to_str().unwrap())
+    );
+}
+
+#[test]
+fn check_config_reports_every_certificate_problem_with_its_key_and_line() {
+    let root = Ca::new("lfguard test root");
+    let now = now_millis() as i64 / 1000;
+    let expired = root.server_valid(now - 10 * 86_400, now - 86_400);
+    let dir = tempfile::tempdir().unwrap();
+    let (expired_cert, expired_key) = expired.write(dir.path(), "expired");
+    let (_, other_key) = root.client("other").write(dir.path(), "other");
+    let (client_cert, _) = root.client("lfguard").write(dir.path(), "client");
+    let not_pem = write_file(dir.path(), "not.pem", "hello\n");
+    let missing = dir.path().join("missing.pem");
+    let config = write_file(
+        dir.path(),
+        "lfguard.toml",
+        &format!(
+            "[server.tls]\n\
+             cert_file = {expired_cert:?}\n\
+             key_file = {expired_key:?}\n\
+             client_ca_file = {missing:?}\n\
+             [upstream]\n\
+             url = \"https://backend.example\"\n\
+             ca_file = {not_pem:?}\n\
+             client_cert_file = {client_cert:?}\n\
+             client_key_file = {other_key:?}\n\
+             [partners.P1]\n\
+             secrets = [\"s\"]\n"
+        ),
+    );
+    let (code, out, err) = check_config(&config);
+    assert_eq!((code, out.as_str()), (64, ""), "{err}");
+    let at = |line: usize| format!("{}:{line}", config.display());
+    let about = |key: &str, line: usize, what: &str| {
+        let prefix = format!("  - {key} ({}): ", at(line));
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with(&prefix) && l.contains(what)),
+            "no line {prefix}…{what}… in\n{err}"
+        );
+    };
+    about("server.tls.cert_file", 2, "the certificate expired ");
+    about("server.tls.client_ca_file", 4, "No such file");
+    about("upstream.ca_file", 7, "holds no PEM certificate");
+    about(
+        "upstream.client_key_file",
+        9,
+        "is not the key of the certificate",
+    );
+    assert!(
+        err.starts_with("lfguard: invalid configuration (4 problems)"),
+        "{err}"
+    );
+
+    // serve refuses the same, having started nothing.
+    let (code, _, err) = run_cli(&["serve", "--config", config.to_str().unwrap()], None, &[]);
+    assert_eq!(code, 64, "{err}");
+
+    // Settings of https only, with an http backend.
+    let config = write_file(
+        dir.path(),
+        "http.toml",
+        "[upstream]\nurl = \"http://127.0.0.1:8081\"\nserver_name = \"backend\"\n\
+         client_cert_file = \"/x\"\n[partners.P1]\nsecrets = [\"s\"]\n",
+    );
+    let (code, _, err) = check_config(&config);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("upstream.server_name ("), "{err}");
+    assert!(err.contains(": only for an https:// upstream.url"), "{err}");
+    assert!(
+        err.contains("upstream.client_key_file: required with upstream.client_cert_file")
+            || err.contains(
+                "upstream.client_key_file (default): required with upstream.client_cert_file"
+            ),
+        "{err}"
+    );
+}
+
+#[test]
+fn tls_metrics_pass_promtool() {
+    let root = Ca::new("lfguard test root");
+    let backend = Backend::start();
+    let lfguard = start_tls(&backend, &root.server(), "");
+    // A plain HTTP request and a good callback, so that the labelled series exist.
+    assert_eq!(Callback::signed(sms_body()).send(lfguard.addr).status, 400);
+    let mut connection =
+        TlsConnection::open(lfguard.addr, client_config(&root.pem(), None)).unwrap();
+    assert_eq!(
+        connection
+            .exchange(&Callback::signed(sms_body()).to_bytes())
+            .unwrap()
+            .status,
+        200
+    );
+    let text = admin_get(lfguard.admin, "/metrics").text();
+    for series in [
+        "lfguard_tls_certificate_expiry_timestamp_seconds{role=\"listener\"}",
+        "lfguard_tls_handshake_failures_total{reason=\"not_tls\",role=\"listener\"}",
+        "lfguard_tls_certificate_reloads_total{result=\"failure\",role=\"listener\"}",
+    ] {
+        assert!(sample(&text, series).is_some(), "no {series} in\n{text}");
+    }
+    if !have("promtool", "promtool on the TLS metrics") {
+        return;
+    }
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = promtool.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -126,9 +126,8 @@ fn build(contents: &Contents, now: i64) -> Result<Built, Vec<String>> {
 /// For `check-config`: the problems of `[server.tls]`'s files, or a line on each saying when it
 /// expires.
 pub fn check(files: &ListenerTlsConfig) -> Result<Vec<String>, Vec<String>> {
-    let contents = certs::read_all(&files_of(files))?;
     let now = certs::unix_now();
-    let built = build(&contents, now)?;
+    let built = certs::check_all(&files_of(files), |contents| build(contents, now))?;
     let mut notes = vec![format!(
         "server.tls.cert_file: {}: serial {}, {}",
         files.cert_file.display(),

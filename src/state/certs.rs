@@ -264,6 +264,39 @@ pub fn read_all(files: &[(&'static str, PathBuf)]) -> Result<Contents, Vec<Strin
     }
 }
 
+/// For check-config: reads every file and builds of them, reporting every problem. A file that
+/// cannot be read is reported as such, and the others are still checked.
+pub fn check_all<T>(
+    files: &[(&'static str, PathBuf)],
+    build: impl FnOnce(&Contents) -> Result<T, Vec<String>>,
+) -> Result<T, Vec<String>> {
+    let mut contents = Vec::with_capacity(files.len());
+    let mut problems = Vec::new();
+    let mut unreadable = Vec::new();
+    for (key, path) in files {
+        match read(path) {
+            Ok(bytes) => contents.push(bytes),
+            Err(err) => {
+                problems.push(format!("{key}: {err}"));
+                unreadable.push(format!("{key}: "));
+                contents.push(Vec::new());
+            }
+        }
+    }
+    match build(&contents) {
+        Ok(built) if problems.is_empty() => Ok(built),
+        Ok(_) => Err(problems),
+        Err(more) => {
+            // An unreadable file was read as empty; what that says about it is known already.
+            problems.extend(
+                more.into_iter()
+                    .filter(|problem| !unreadable.iter().any(|key| problem.starts_with(key))),
+            );
+            Err(problems)
+        }
+    }
+}
+
 /// The certificate files of one TLS configuration, and what they held when last read: a reload
 /// builds a new configuration only when they changed, compared by content (which notices a
 /// Kubernetes Secret's symlink swap, which leaves modification times alone).

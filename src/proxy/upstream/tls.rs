@@ -137,10 +137,8 @@ fn build(
 /// For `check-config`: the problems of the upstream's certificate files, or a line on each
 /// saying when it expires.
 pub fn check(files: &TlsFiles) -> Result<Vec<String>, Vec<String>> {
-    let named = files.named();
-    let contents = certs::read_all(&named)?;
     let now = certs::unix_now();
-    let built = build(files, &contents, None, now)?;
+    let built = certs::check_all(&files.named(), |contents| build(files, contents, None, now))?;
     let mut notes = Vec::new();
     if let (Some(path), Some(earliest)) = (&files.ca_file, built.ca) {
         notes.push(format!(
