@@ -73,6 +73,7 @@ const LAYERS: &[(&str, Layer)] = &[
     ("config", Server),
     ("config::problems", Server),
     ("cli", Cli),
+    ("cli::client", Cli),
     ("cli::demo", Cli),
     ("cli::echo", Cli),
     ("cli::send", Cli),

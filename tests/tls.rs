@@ -162,6 +162,60 @@ fn a_rustls_client_curl_and_openssl_are_verified_and_forwarded_over_tls() {
 }
 
 #[test]
+fn lfguard_send_speaks_https_with_a_ca_file() {
+    let root = Ca::new("lfguard test root");
+    let backend = Backend::start();
+    let lfguard = start_tls(&backend, &root.server(), "");
+    let dir = tempfile::tempdir().unwrap();
+    let root_file = write_pem(dir.path(), "root.pem", &root.pem());
+    let url = format!("https://localhost:{}/callback", lfguard.addr.port());
+    let (code, out, err) = run_cli(
+        &[
+            "send",
+            &url,
+            "--secret",
+            SECRET,
+            "--partner",
+            PARTNER,
+            "--ca-file",
+            root_file.to_str().unwrap(),
+        ],
+        None,
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("200\n"), "{out}");
+    let received = backend.wait_for(1);
+    assert_eq!(received[0].header("x-lfguard-verified"), Some("true"));
+
+    // Without the CA, the platform's roots do not know the certificate.
+    let (code, _, err) = run_cli(&["send", &url, "--secret", SECRET], None, &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("UnknownIssuer") || err.contains("unknown issuer"),
+        "{err}"
+    );
+
+    // --insecure skips verification and says so.
+    let (code, out, err) = run_cli(
+        &[
+            "send",
+            &url,
+            "--secret",
+            SECRET,
+            "--partner",
+            PARTNER,
+            "--insecure",
+        ],
+        None,
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("warning: --insecure"), "{err}");
+    assert_eq!(backend.count(), 2);
+}
+
+#[test]
 fn tls_1_1_and_plain_http_to_the_tls_port_are_refused() {
     let root = Ca::new("lfguard test root");
     let backend = Backend::start();
@@ -975,5 +1029,53 @@ fn tls_metrics_pass_promtool() {
         "promtool: {}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn lfguard_demo_speaks_https_with_a_given_certificate() {
+    let root = Ca::new("lfguard test root");
+    let identity = root.intermediate("issuing").server();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = identity.write(dir.path(), "server");
+    let root_file = write_pem(dir.path(), "root.pem", &root.pem());
+    let demo = |extra: &[&str]| {
+        let mut args = vec![
+            "demo",
+            "--cert-file",
+            cert.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        run_cli(&args, None, &[])
+    };
+    let (code, out, err) = demo(&["--ca-file", root_file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("lfguard's port speaks TLS: the callbacks go to https://localhost:"),
+        "{out}"
+    );
+    assert!(
+        out.contains("5 of 5 callbacks handled as expected."),
+        "{out}"
+    );
+    // A name the certificate does not carry: no callback gets through.
+    let (code, out, err) = demo(&[
+        "--ca-file",
+        root_file.to_str().unwrap(),
+        "--server-name",
+        "callbacks.example.com",
+    ]);
+    assert_eq!((code, out.as_str()), (2, ""), "{err}");
+    assert!(
+        err.starts_with("lfguard: https://callbacks.example.com:"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "TLS handshake failed: invalid peer certificate: certificate not valid for name"
+        ),
+        "{err}"
     );
 }

@@ -45,8 +45,9 @@ impl TlsFiles {
     }
 }
 
-/// The trust anchors without `upstream.ca_file`: the platform's, or webpki's bundled ones.
-fn default_roots() -> (Arc<RootCertStore>, &'static str) {
+/// The trust anchors without `upstream.ca_file`: the platform's, or webpki's bundled ones; and
+/// which of the two.
+pub fn default_roots() -> (Arc<RootCertStore>, &'static str) {
     let found = rustls_native_certs::load_native_certs();
     let mut roots = RootCertStore::empty();
     let (added, _ignored) = roots.add_parsable_certificates(found.certs);
