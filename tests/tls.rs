@@ -1079,3 +1079,57 @@ fn lfguard_demo_speaks_https_with_a_given_certificate() {
         "{err}"
     );
 }
+
+#[test]
+fn the_certbot_deploy_hook_hands_lfguard_the_renewed_certificate() {
+    let root = Ca::new("lfguard test root");
+    let first = root.server();
+    let renewed = root.server();
+    let backend = Backend::start();
+    let dir = tempfile::tempdir().unwrap();
+    let tls_dir = dir.path().join("tls");
+    std::fs::create_dir(&tls_dir).unwrap();
+    let cert = write_pem(&tls_dir, "fullchain.pem", &first.cert_pem);
+    let key = write_pem(&tls_dir, "privkey.pem", &first.key_pem);
+    // Only the hook's reload can apply it.
+    let lfguard = start_tls_files(&backend, dir, &cert, &key, "reload_interval = \"1h\"");
+    let lineage = tempfile::tempdir().unwrap();
+    write_pem(lineage.path(), "fullchain.pem", &renewed.cert_pem);
+    write_pem(lineage.path(), "privkey.pem", &renewed.key_pem);
+    let group = Command::new("id").arg("-gn").output().unwrap();
+    let group = String::from_utf8(group.stdout).unwrap();
+    let output = Command::new("sh")
+        .arg(repo_file("docs/examples/certbot-deploy-hook.sh"))
+        .env("RENEWED_LINEAGE", lineage.path())
+        .env("LFGUARD_TLS_DIR", &tls_dir)
+        .env("LFGUARD_TLS_GROUP", group.trim())
+        .env("LFGUARD_RELOAD", format!("kill -HUP {}", lfguard.pid()))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let reloaded = lfguard.wait_for_log(|e| e["message"] == "listener certificate reloaded");
+    assert_eq!(reloaded["trigger"], "SIGHUP");
+    assert_eq!(reloaded["serial"], renewed.serial.as_str());
+    let fresh = TlsConnection::open(lfguard.addr, client_config(&root.pem(), None)).unwrap();
+    assert_eq!(fresh.serial(), renewed.serial);
+    use std::os::unix::fs::PermissionsExt;
+    for name in ["fullchain.pem", "privkey.pem"] {
+        let mode = std::fs::metadata(tls_dir.join(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o640, "{name}");
+    }
+    assert!(!tls_dir.join(".privkey.pem.new").exists());
+    // Without RENEWED_LINEAGE it refuses to run.
+    let output = Command::new("sh")
+        .arg(repo_file("docs/examples/certbot-deploy-hook.sh"))
+        .env_remove("RENEWED_LINEAGE")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+}
