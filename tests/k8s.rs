@@ -198,13 +198,24 @@ fn yaml_value(text: &str, key: &str, after: Option<&str>) -> String {
 #[test]
 fn tls_overlay_serves_the_cert_manager_secret_it_mounts() {
     let patch = read(TLS_PATCH);
-    let cert_file = yaml_value(&patch, "value:", Some("name: LFGUARD_SERVER__TLS__CERT_FILE"));
-    let key_file = yaml_value(&patch, "value:", Some("name: LFGUARD_SERVER__TLS__KEY_FILE"));
+    let cert_file = yaml_value(
+        &patch,
+        "value:",
+        Some("name: LFGUARD_SERVER__TLS__CERT_FILE"),
+    );
+    let key_file = yaml_value(
+        &patch,
+        "value:",
+        Some("name: LFGUARD_SERVER__TLS__KEY_FILE"),
+    );
     let mount = yaml_value(&patch, "mountPath:", None);
     // cert-manager writes tls.crt and tls.key into the Secret the pod mounts as a directory.
     assert_eq!(cert_file, format!("{mount}/tls.crt"));
     assert_eq!(key_file, format!("{mount}/tls.key"));
-    assert!(!mount.starts_with("/etc/lfguard"), "inside the ConfigMap's mount");
+    assert!(
+        !mount.starts_with("/etc/lfguard"),
+        "inside the ConfigMap's mount"
+    );
     let certificate = read(TLS_CERTIFICATE);
     assert_eq!(yaml_value(&certificate, "kind:", None), "Certificate");
     assert_eq!(
@@ -229,7 +240,10 @@ fn tls_overlay_serves_the_cert_manager_secret_it_mounts() {
         ("LFGUARD_SERVER__TLS__KEY_FILE", pem.to_str().unwrap()),
     ]);
     let config = effective(&output);
-    assert_eq!(get_str(&config, "server.tls.cert_file"), crt.to_str().unwrap());
+    assert_eq!(
+        get_str(&config, "server.tls.cert_file"),
+        crt.to_str().unwrap()
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.starts_with("# server.tls.cert_file: "), "{stdout}");
 }
