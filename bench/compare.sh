@@ -389,7 +389,9 @@ tls_compare() {
     done
     http_get "http://127.0.0.1:$ADMIN_PORT/metrics" >"$tmp/m-end.txt"
     local failed
-    failed=$(awk '$1 ~ /^lfguard_tls_handshake_failures_total\{/ {s += $2} END {print s + 0}' "$tmp/m-end.txt")
+    # s_time closes as soon as its side of the handshake is done, which in TLS 1.3 is before the
+    # server has read the client's Finished: lfguard counts those as `closed`. Nothing else fails.
+    failed=$(awk '$1 ~ /^lfguard_tls_handshake_failures_total\{/ && !index($1, "reason=\"closed\"") {s += $2} END {print s + 0}' "$tmp/m-end.txt")
     ((failed == 0)) || problems+=("lfguard counted $failed failed handshakes")
 
     cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)

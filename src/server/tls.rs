@@ -229,11 +229,13 @@ impl ListenerTls {
         let handshake = async {
             let mut first = [0u8; 1];
             match stream.peek(&mut first).await {
-                Ok(0) | Err(_) => return Err("closed"),
+                // Closed before sending anything (a TCP health check): no handshake to count.
+                Ok(0) => return Ok(Err(None)),
+                Err(_) => return Err("closed"),
                 Ok(_) => {}
             }
             if first[0] != TLS_HANDSHAKE_RECORD {
-                return Ok(Err((stream, first[0])));
+                return Ok(Err(Some((stream, first[0]))));
             }
             TlsAcceptor::from(config)
                 .accept(stream)
@@ -244,7 +246,8 @@ impl ListenerTls {
         let (mut stream, first) =
             match tokio::time::timeout(self.handshake_timeout, handshake).await {
                 Ok(Ok(Ok(stream))) => return Some(stream),
-                Ok(Ok(Err(not_tls))) => not_tls,
+                Ok(Ok(Err(Some(not_tls)))) => not_tls,
+                Ok(Ok(Err(None))) => return None,
                 Ok(Err(reason)) => {
                     self.failed(peer, reason);
                     return None;
