@@ -4,6 +4,8 @@
 #
 #   bench/compare.sh                       # 3 rounds x 10 s x 4 targets, 64 connections
 #   DURATION=5s ROUNDS=1 bench/compare.sh  # quicker
+#   TLS=1 bench/compare.sh                 # over TLS: lfguard and nginx ending TLS with the same
+#                                          # certificate (2 rounds x 5 s by default, ~2 minutes)
 #
 # Environment: DURATION (per target and round, default 10s), ROUNDS (3), CONNECTIONS (64),
 # WRK_THREADS (2), WARMUP (2s per target before the rounds), POOL (pre-signed requests per round,
@@ -20,6 +22,14 @@
 # same pre-signed, distinct requests (the backend, nginx and the floor ignore the signature
 # headers). A body is never sent twice to lfguard: each round has its own pool, each wrk thread its
 # own share of it, and lfguard's /metrics must show zero duplicates, otherwise the round is flagged.
+#
+# TLS=1 compares lfguard with [server.tls] and nginx with `listen ssl`, both presenting the same
+# ECDSA P-256 certificate (a throwaway CA made with openssl) in front of the same nginx backend,
+# one worker each: full handshakes per second with `openssl s_time -new` (one client, handshake
+# only) and the server CPU each costs (from /proc/PID/stat); callbacks over kept-alive TLS
+# connections (wrk, CONNECTIONS); and callbacks on a new TLS connection each (wrk with
+# `Connection: close`, TLS_CLOSE_CONNECTIONS, default 16), the way a sender without keep-alive
+# calls. wrk and s_time do not resume sessions: every new connection is a full handshake.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -27,6 +37,16 @@ root=$(cd "$here/.." && pwd)
 # shellcheck source=bench/common.sh
 source "$here/common.sh"
 
+TLS=${TLS:-0}
+if [[ $TLS == 1 ]]; then
+    # Enough distinct bodies for a round of kept-alive TLS callbacks to lfguard.
+    POOL=${POOL:-150000}
+    DURATION=${DURATION:-5s}
+    ROUNDS=${ROUNDS:-2}
+    WARMUP=${WARMUP:-1s}
+    STARTS=${STARTS:-1}
+fi
+TLS_CLOSE_CONNECTIONS=${TLS_CLOSE_CONNECTIONS:-16}
 DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
@@ -45,7 +65,7 @@ unset RUST_LOG
 log() { printf '[compare] %s\n' "$*" >&2; }
 
 # --- tools -------------------------------------------------------------------------------------
-install_missing nginx=nginx-light wrk=wrk python3=python3
+install_missing nginx=nginx-light wrk=wrk python3=python3 openssl=openssl
 
 log "building lfguard and the hyper floor (dist profile)"
 (cd "$root" && cargo build --profile dist --quiet --bin lfguard --example hyper_floor)
@@ -56,6 +76,21 @@ FLOOR=$root/target/dist/examples/hyper_floor
 start_tmp compare
 
 read -r BACKEND_PORT NGINX_PORT FLOOR_PORT LF_PORT ADMIN_PORT < <(free_ports 5)
+
+# The certificate both TLS endpoints present (TLS=1): a CA and a server certificate it signed.
+if [[ $TLS == 1 ]]; then
+    mkdir -p "$tmp/tls"
+    (
+        cd "$tmp/tls"
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+            -subj "/CN=bench CA" -keyout ca.key -out ca.pem 2>/dev/null
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+            -keyout key.pem -out server.csr 2>/dev/null
+        printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >server.ext
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+            -extfile server.ext -out cert.pem 2>/dev/null
+    )
+fi
 
 wait_port() { # port, what
     for _ in $(seq 1 200); do
@@ -107,7 +142,9 @@ nginx_conf proxy "    upstream backend {
         keepalive $((CONNECTIONS > 64 ? CONNECTIONS : 64));
     }
     server {
-        listen 127.0.0.1:$NGINX_PORT backlog=4096;
+        listen 127.0.0.1:$NGINX_PORT $([[ $TLS == 1 ]] && echo ssl) backlog=4096;
+        $([[ $TLS == 1 ]] && echo "ssl_certificate $tmp/tls/cert.pem; ssl_certificate_key $tmp/tls/key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;")
         location / {
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -139,6 +176,14 @@ level = "info"
 [partners.$PARTNER]
 secrets = ["$SECRET"]
 EOF
+if [[ $TLS == 1 ]]; then
+    cat >>"$tmp/lfguard.toml" <<EOF
+
+[server.tls]
+cert_file = "$tmp/tls/cert.pem"
+key_file = "$tmp/tls/key.pem"
+EOF
+fi
 
 raise_fd_limit 1048576
 
@@ -146,7 +191,8 @@ raise_fd_limit 1048576
 pids+=($!)
 wait_port "$BACKEND_PORT" "nginx backend"
 "$NGINX" -e "$tmp/proxy/error.log" -p "$tmp/proxy" -c "$tmp/proxy/nginx.conf" &
-pids+=($!)
+NGINX_PROXY_PID=$!
+pids+=("$NGINX_PROXY_PID")
 wait_port "$NGINX_PORT" "nginx proxy"
 "$FLOOR" "127.0.0.1:$FLOOR_PORT" "http://127.0.0.1:$BACKEND_PORT" >"$tmp/floor.log" 2>&1 &
 pids+=($!)
@@ -202,8 +248,10 @@ gen_pool() { # file, lines, tag
         --tag "$3" --out "$1" ${4:+--check-with "$LFGUARD"} 2>&1 | sed 's/^/[compare] /' >&2
 }
 
-wrk_script() { # pool file, tag -> script path
+wrk_script() { # pool file, tag[, close] -> script path; with `close`, Connection: close
     local script="$tmp/$2.lua"
+    local close_header=""
+    [[ ${3:-} == close ]] && close_header='["Connection"] = "close",'
     cat >"$script" <<EOF
 -- Cycles through pre-signed requests; each wrk thread takes every ${WRK_THREADS}th line of the pool.
 local pool_file, tag, nthreads = "$1", "$2", $WRK_THREADS
@@ -234,6 +282,7 @@ function request()
         ["Content-Type"] = "application/json",
         ["x-lf-md5"] = sigs[i],
         ["x-lf-delivery"] = tag .. "-" .. tid .. "-" .. sent,
+        $close_header
     }, bodies[i])
 end
 function done(summary, latency, requests)
@@ -270,6 +319,125 @@ print(f"{rps:.1f} {ms(*p99.groups()):.3f} {int(non2xx.group(1)) if non2xx else 0
       f"{sum(map(int, errors.groups())) if errors else 0} {int(wraps.group(1)) if wraps else 0}")
 EOF
 }
+
+# --- over TLS (TLS=1) ------------------------------------------------------------------------------
+cpu_ticks() { # pid... -> their user + system clock ticks
+    local pid total=0
+    for pid in "$@"; do
+        total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+    done
+    echo "$total"
+}
+
+tls_compare() {
+    local -A url=([nginx]="https://127.0.0.1:$NGINX_PORT" [lfguard]="https://127.0.0.1:$LF_PORT")
+    local -A port=([nginx]=$NGINX_PORT [lfguard]=$LF_PORT)
+    local -A server=([nginx]="$(pgrep -P "$NGINX_PROXY_PID" | tr '\n' ' ')" [lfguard]=$LF_PID)
+    local tick_ms=$((1000 / $(getconf CLK_TCK)))
+    local round target mode tag script t0 t1 before after n rps p99 non2xx errors wraps lines clients close
+    local tls_results=$tmp/tls-results.tsv
+    : >"$tls_results"
+    for round in $(seq 1 "$ROUNDS"); do
+        for target in nginx lfguard; do
+            # Full handshakes, one client at a time, nothing sent after them.
+            before=$(cpu_ticks ${server[$target]})
+            t0=$EPOCHREALTIME
+            openssl s_time -connect "127.0.0.1:${port[$target]}" -new -time "$DUR_S" \
+                >"$tmp/stime-$round-$target.txt" 2>&1
+            t1=$EPOCHREALTIME
+            after=$(cpu_ticks ${server[$target]})
+            n=$(awk '/connections in .* real seconds/ {print $1}' "$tmp/stime-$round-$target.txt")
+            [[ -n $n && $n -gt 0 ]] || { cat "$tmp/stime-$round-$target.txt" >&2; exit 1; }
+            printf '%s\t%s\thandshake\t%s\t%s\n' "$round" "$target" \
+                "$(python3 -c "print(f'{$n / ($t1 - $t0):.1f}')")" \
+                "$(python3 -c "print(f'{($after - $before) * $tick_ms / $n:.3f}')")" >>"$tls_results"
+            log "round $round $(printf '%-8s' "$target") $n full handshakes in $(python3 -c "print(f'{$t1 - $t0:.1f}')") s, server CPU $(((after - before) * tick_ms)) ms"
+        done
+        for mode in keepalive close; do
+            # One pool per round and mode, sent to nginx first and then to lfguard, which thus
+            # never gets a body twice.
+            tag="tls-$mode-r$round-$$"
+            if [[ $mode == keepalive ]]; then lines=$POOL clients=$CONNECTIONS close=""; else
+                lines=$((POOL / 4)) clients=$TLS_CLOSE_CONNECTIONS close=close
+            fi
+            gen_pool "$tmp/$tag.pool" "$lines" "$tag"
+            script=$(wrk_script "$tmp/$tag.pool" "$tag" "$close")
+            for target in nginx lfguard; do
+                if [[ $target == lfguard ]]; then
+                    http_get "http://127.0.0.1:$ADMIN_PORT/metrics" >"$tmp/m-before.txt"
+                fi
+                wrk -t"$WRK_THREADS" -c"$clients" -d"${DUR_S}s" --latency -s "$script" "${url[$target]}" \
+                    >"$tmp/tls-$round-$target-$mode.txt" 2>&1
+                read -r rps p99 non2xx errors wraps < <(parse_wrk "$tmp/tls-$round-$target-$mode.txt")
+                printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$target" "$mode" "$rps" "$p99" >>"$tls_results"
+                log "round $round $(printf '%-8s %-9s' "$target" "$mode") $(printf '%10.1f' "$rps") req/s  p99 $(printf '%8.3f' "$p99") ms  non-2xx $non2xx  socket errors $errors"
+                if [[ $target == lfguard ]]; then
+                    sleep 0.5
+                    http_get "http://127.0.0.1:$ADMIN_PORT/metrics" >"$tmp/m-after.txt"
+                    dup=$(($(metric "$tmp/m-after.txt" duplicate) - $(metric "$tmp/m-before.txt" duplicate)))
+                    other=$(($(metric_other "$tmp/m-after.txt") - $(metric_other "$tmp/m-before.txt")))
+                    ((dup == 0 && other == 0)) || problems+=("round $round lfguard $mode: $dup duplicates, $other other outcomes")
+                    ((wraps == 0)) || problems+=("round $round lfguard $mode: the pool wrapped (raise POOL)")
+                fi
+                # With Connection: close, wrk counts the connections the server closes as errors.
+                if ((non2xx > 0)) || { [[ -z $close ]] && ((errors > 0)); }; then
+                    problems+=("round $round $target $mode: $non2xx non-2xx, $errors socket errors")
+                fi
+            done
+            rm -f "$tmp/$tag.pool"
+        done
+    done
+    http_get "http://127.0.0.1:$ADMIN_PORT/metrics" >"$tmp/m-end.txt"
+    local failed
+    # s_time closes as soon as its side of the handshake is done, which in TLS 1.3 is before the
+    # server has read the client's Finished: lfguard counts those as `closed`. Nothing else fails.
+    failed=$(awk '$1 ~ /^lfguard_tls_handshake_failures_total\{/ && !index($1, "reason=\"closed\"") {s += $2} END {print s + 0}' "$tmp/m-end.txt")
+    ((failed == 0)) || problems+=("lfguard counted $failed failed handshakes")
+
+    cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+    echo
+    echo "## lfguard vs nginx over TLS ($(date -u +%Y-%m-%dT%H:%MZ))"
+    echo
+    echo "Machine: $(nproc) CPUs, ${cpu:-unknown CPU}; wrk $(wrk -v 2>&1 | awk 'NR==1 {print $2}'), nginx $("$NGINX" -v 2>&1 | sed 's|.*/||'), $(openssl version | awk '{print $1, $2}')."
+    echo "Both end TLS with the same ECDSA P-256 certificate (TLS 1.3 negotiated), one worker each, in front of the same"
+    echo "nginx backend; $ROUNDS interleaved rounds of ${DUR_S}s per measurement. Handshakes: openssl s_time -new, one client,"
+    echo "handshake only; CPU is the server's user + system time over the handshakes it completed. Kept-alive: wrk -c$CONNECTIONS;"
+    echo "new connection per callback: wrk -c$TLS_CLOSE_CONNECTIONS with Connection: close. lfguard verifies each callback"
+    echo "and claims its replay key (distinct pre-signed bodies), nginx only proxies them."
+    echo
+    python3 - "$tls_results" <<'PY'
+import statistics, sys
+rows = [line.split("\t") for line in open(sys.argv[1]).read().splitlines()]
+def med(target, kind, column):
+    values = [float(r[column]) for r in rows if r[1] == target and r[2] == kind]
+    return statistics.median(values), values
+print("| measurement | nginx | lfguard | lfguard / nginx |")
+print("|---|---:|---:|---:|")
+for label, kind, column, fmt in [
+    ("full handshakes/s, one client", "handshake", 3, "{:,.0f}"),
+    ("server CPU per handshake, ms", "handshake", 4, "{:.3f}"),
+    ("kept-alive callbacks, req/s", "keepalive", 3, "{:,.0f}"),
+    ("kept-alive callbacks, p99 ms", "keepalive", 4, "{:.2f}"),
+    ("new TLS connection per callback, req/s", "close", 3, "{:,.0f}"),
+    ("new TLS connection per callback, p99 ms", "close", 4, "{:.2f}"),
+]:
+    (n, nv), (l, lv) = med("nginx", kind, column), med("lfguard", kind, column)
+    rounds = lambda vs: ", ".join(fmt.format(v) for v in vs)
+    print(f"| {label} | {fmt.format(n)} ({rounds(nv)}) | {fmt.format(l)} ({rounds(lv)}) | {l / n:.2f} |")
+PY
+    if ((${#problems[@]})); then
+        echo
+        echo "### Problems"
+        printf -- '- %s\n' "${problems[@]}"
+        return 1
+    fi
+}
+
+if [[ $TLS == 1 ]]; then
+    problems=()
+    tls_compare
+    exit $?
+fi
 
 declare -A URL=(
     [direct]="http://127.0.0.1:$BACKEND_PORT"

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::proxy::routes::RouteConfig;
 pub use crate::proxy::upstream::UpstreamConfig;
-pub use crate::server::config::ServerConfig;
+pub use crate::server::config::{ListenerTlsConfig, ServerConfig};
 pub use crate::state::replay::{OnDuplicate, ReplayConfig, StoreKind};
 use crate::state::secrets;
 pub use crate::state::secrets::PartnerConfig;
@@ -132,6 +132,23 @@ fn env_provider() -> Env {
 /// Loads and validates: the one entry point used by `serve` and `check-config`. Every problem
 /// is reported, each naming its key and where it was set.
 pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    load_checking(path, Certificates::Check)
+}
+
+/// `load` for a reload, which re-reads the certificate files by itself: a certificate that does
+/// not load keeps the one in use and does not hold up the secrets.
+pub fn load_for_reload(path: Option<&Path>) -> Result<Config, ConfigError> {
+    load_checking(path, Certificates::Skip)
+}
+
+/// Whether loading checks the certificate files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Certificates {
+    Check,
+    Skip,
+}
+
+fn load_checking(path: Option<&Path>, certificates: Certificates) -> Result<Config, ConfigError> {
     let text = match path {
         Some(path) => Some(read_file(path)?),
         None => None,
@@ -144,7 +161,7 @@ pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let at = path.map_or("environment".into(), |path| path.display().to_string());
         ConfigError(vec![format!("{at}: {}", err.kind)])
     })?;
-    problems::check(&tree, file.as_ref())
+    problems::check(&tree, file.as_ref(), certificates == Certificates::Check)
 }
 
 fn read_file(path: &Path) -> Result<String, ConfigError> {
@@ -163,10 +180,12 @@ fn read_file(path: &Path) -> Result<String, ConfigError> {
 }
 
 impl Config {
-    /// Checks what serde cannot: ranges, relations between keys, and that the secret sources are
-    /// well formed. Every problem is reported, not just the first.
+    /// Checks what serde cannot: ranges, relations between keys, that the secret sources are
+    /// well formed and that the certificate files load. Every problem is reported, not just the
+    /// first.
     pub fn validate(self) -> Result<Self, ConfigError> {
-        let problems = self.problems();
+        let mut problems = self.problems();
+        problems.extend(self.certificates().err().unwrap_or_default());
         if problems.is_empty() {
             Ok(self)
         } else {
@@ -201,6 +220,29 @@ impl Config {
             self.partners_dir.as_deref(),
         ));
         problems
+    }
+
+    /// The certificate files (`[server.tls]`, the upstream's): present, readable PEM, each key
+    /// matching its certificate, none expired. `Ok` with a line on each file saying when it
+    /// expires (what check-config prints), or every problem, each naming its key.
+    pub fn certificates(&self) -> Result<Vec<String>, Vec<String>> {
+        let mut notes = Vec::new();
+        let mut problems = Vec::new();
+        let listener = match &self.server.tls {
+            Some(files) => crate::server::tls::check(files),
+            None => Ok(Vec::new()),
+        };
+        for checked in [listener, self.upstream.certificates()] {
+            match checked {
+                Ok(found) => notes.extend(found),
+                Err(found) => problems.extend(found),
+            }
+        }
+        if problems.is_empty() {
+            Ok(notes)
+        } else {
+            Err(problems)
+        }
     }
 
     /// Whether `other` differs only in what a reload applies: partners, secrets and modes.

@@ -6,13 +6,13 @@
 //! ```text
 //! cli                 command line: sign, verify, send, echo, demo, check-config
 //!  ↑
-//! server, config      listeners, connections, signals, reload, admin; `config` composes the
+//! server, config      listeners, connections, TLS, signals, reload, admin; `config` composes the
 //!  ↑                  sections that the modules below own and validate
 //! proxy               the HTTP pipeline (`Proxy::pipeline`), framing, limits, upstream pool
 //!  ↑
 //! telemetry           request log and Prometheus metrics, fed plain values
 //!  ↑
-//! state               partner secrets, replay store
+//! state               partner secrets, replay store, certificate files
 //!  ↑
 //! verify              the pure core: canonical string, signature, ambiguity, schemas,
 //!                     freshness, diagnosis (no I/O, no clock, no tokio)

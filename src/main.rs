@@ -23,6 +23,10 @@ fn main() -> ExitCode {
         },
         Command::CheckConfig(args) => match load(&args) {
             Ok(config) => {
+                // The files were checked by `load`; as TOML comments, the output still parses.
+                for note in config.certificates().unwrap_or_default() {
+                    println!("# {note}");
+                }
                 print!("{}", config.redacted_toml());
                 ExitCode::SUCCESS
             }
@@ -32,7 +36,7 @@ fn main() -> ExitCode {
         Command::Verify(args) => report(cli::verify(&args)),
         Command::Send(args) => report(runtime(0).block_on(cli::send(&args))),
         Command::Echo(args) => report(runtime(1).block_on(cli::echo(&args)).map(|()| true)),
-        Command::Demo => report(runtime(0).block_on(cli::demo())),
+        Command::Demo(args) => report(runtime(0).block_on(cli::demo(&args))),
     }
 }
 

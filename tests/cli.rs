@@ -144,7 +144,7 @@ fn invalid_config_exits_64_naming_every_bad_key() {
     let config = write_file(
         dir.path(),
         "bad.toml",
-        "[server]\nmax_body_bytes = 0\n[upstream]\nurl = \"https://example.com\"\n[replay]\nwindow = \"1h\"\n[partners.P1]\nsecrets = [\"\"]\n",
+        "[server]\nmax_body_bytes = 0\n[upstream]\nurl = \"ftp://example.com\"\n[replay]\nwindow = \"1h\"\n[partners.P1]\nsecrets = [\"\"]\n",
     );
     let (code, _, err) = run_cli(
         &["check-config", "--config", config.to_str().unwrap()],

@@ -87,7 +87,12 @@ fn an_unknown_key_a_bad_url_and_a_missing_secret_file_are_all_reported() {
     let problems = problems(&err);
     let at = |line: usize| format!("{}:{line}", config.display());
     line_about(&problems, "server.lsten", &at(4), "unknown key");
-    line_about(&problems, "upstream.url", &at(7), "must be an http:// URL");
+    line_about(
+        &problems,
+        "upstream.url",
+        &at(7),
+        "must be an http:// or https:// URL",
+    );
     line_about(
         &problems,
         "partners.P1.secret_files[0]",

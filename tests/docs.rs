@@ -605,6 +605,29 @@ fn command_line_examples_run() {
 }
 
 #[test]
+fn tls_examples_run_up_to_the_steps_for_a_real_host() {
+    if !have("openssl", "the TLS examples") || !have("curl", "the TLS examples") {
+        return;
+    }
+    // What follows "Try it on one machine" installs on a real host (certbot, systemctl): the hook
+    // is run by tests/tls.rs, the drop-in checked by systemd-analyze, the TOML by check-config.
+    let page = read("docs/tls.md");
+    let host_steps = page
+        .lines()
+        .position(|line| line.starts_with("## lfguard on :443"))
+        .expect("docs/tls.md has the :443 section")
+        + 1;
+    let mut session = Session::new();
+    let backend = session.backend();
+    let ran = session.run_page("docs/tls.md", |block| block.line < host_steps);
+    assert!(ran >= 6, "{ran} blocks");
+    let received = backend.requests();
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert_eq!(received[0].header("x-lfguard-verified"), Some("true"));
+    assert_eq!(received[0].header("x-forwarded-proto"), Some("https"));
+}
+
+#[test]
 fn operations_examples_run() {
     let ran = Session::new().run_page("docs/operations.md", |_| true);
     assert!(ran >= 1, "{ran} blocks");
@@ -624,6 +647,7 @@ fn checkable(example: &str, dir: &Path) -> (PathBuf, Vec<(String, String)>) {
         std::fs::write(partners.join(DEV_PARTNER), "a-secret\n").unwrap();
         table.insert("partners_dir".into(), partners.display().to_string().into());
     }
+    certificates_for(&mut table, dir);
     let mut files = 0;
     if let Some(toml::Value::Table(partners)) = table.get_mut("partners") {
         for (code, partner) in partners.iter_mut() {
@@ -655,6 +679,43 @@ fn checkable(example: &str, dir: &Path) -> (PathBuf, Vec<(String, String)>) {
     let path = dir.join("example.toml");
     std::fs::write(&path, toml::to_string(&table).unwrap()).unwrap();
     (path, env)
+}
+
+/// Certificate files made here for the ones a documented configuration names (`[server.tls]`,
+/// the upstream's), so that check-config can load them.
+fn certificates_for(table: &mut toml::Table, dir: &Path) {
+    use support::tls::{Ca, write_pem};
+    let ca = Ca::new("docs example CA");
+    let (server_cert, server_key) = ca.server().write(dir, "server");
+    let (client_cert, client_key) = ca.client("lfguard").write(dir, "client");
+    let ca_file = write_pem(dir, "ca.pem", &ca.pem());
+    let made = [
+        ("server", "tls", "cert_file", &server_cert),
+        ("server", "tls", "key_file", &server_key),
+        ("server", "tls", "client_ca_file", &ca_file),
+        ("upstream", "", "ca_file", &ca_file),
+        ("upstream", "", "client_cert_file", &client_cert),
+        ("upstream", "", "client_key_file", &client_key),
+    ];
+    for (section, sub, key, path) in made {
+        let Some(toml::Value::Table(mut at)) = table.get(section).cloned() else {
+            continue;
+        };
+        let target = if sub.is_empty() {
+            Some(&mut at)
+        } else {
+            match at.get_mut(sub) {
+                Some(toml::Value::Table(inner)) => Some(inner),
+                _ => None,
+            }
+        };
+        if let Some(target) = target
+            && target.contains_key(key)
+        {
+            target.insert(key.into(), path.display().to_string().into());
+            table.insert(section.into(), at.into());
+        }
+    }
 }
 
 /// `check-config` on a documented configuration: its effective configuration.
@@ -694,15 +755,33 @@ fn the_systemd_unit_is_valid() {
     let dir = tempfile::tempdir().unwrap();
     let unit = read("config/lfguard.service").replace("/usr/local/bin/lfguard", binary());
     let path = write_file(dir.path(), "lfguard.service", &unit);
+    let verify = || {
+        let output = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(
+            output.status.success() && err.trim().is_empty(),
+            "systemd-analyze verify: {err}"
+        );
+    };
+    verify();
+    // With the drop-in of docs/tls.md, which systemd-analyze reads from beside the unit.
+    let drop_ins = dir.path().join("lfguard.service.d");
+    std::fs::create_dir(&drop_ins).unwrap();
+    std::fs::write(drop_ins.join("tls.conf"), read("config/lfguard-tls.conf")).unwrap();
+    verify();
+    std::fs::write(drop_ins.join("broken.conf"), "[Service]\nNoSuchKey=1\n").unwrap();
     let output = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&path)
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&output.stderr);
     assert!(
-        output.status.success() && err.trim().is_empty(),
-        "systemd-analyze verify: {err}"
+        String::from_utf8_lossy(&output.stderr).contains("NoSuchKey"),
+        "systemd-analyze reads the drop-ins beside the unit"
     );
 }
 
@@ -783,6 +862,11 @@ fn every_key() -> BTreeSet<String> {
                 keys.insert(top.to_string());
             }
         }
+    }
+    // `[server.tls]` is a table of its own.
+    keys.remove("server.tls");
+    for field in fields_of::<ListenerTlsConfig>() {
+        keys.insert(format!("server.tls.{field}"));
     }
     // A schema's members are tables of their own.
     keys.remove("schemas.NAME.members");

@@ -1,6 +1,7 @@
 //! The Kubernetes manifests agree with the binary: the lfguard.toml that k8s/base ships
-//! in its ConfigMap passes the real `lfguard check-config`, also with the redis overlay's
-//! environment, and the pod's termination grace period outlasts lfguard's shutdown grace.
+//! in its ConfigMap passes the real `lfguard check-config`, also with the redis and tls
+//! overlays' environments, and the pod's termination grace period outlasts lfguard's shutdown
+//! grace.
 //! `scripts/validate-k8s` checks the rendered manifests against the Kubernetes schemas.
 
 mod support;
@@ -16,6 +17,9 @@ const BASE_TOML: &str = "k8s/base/lfguard.toml";
 const DEPLOYMENT: &str = "k8s/base/deployment.yaml";
 const REDIS_PATCH: &str = "k8s/overlays/redis/lfguard-patch.yaml";
 const REDIS_SECRET: &str = "k8s/overlays/redis/redis-secret.yaml";
+const TLS_PATCH: &str = "k8s/overlays/tls/lfguard-patch.yaml";
+const TLS_CERTIFICATE: &str = "k8s/overlays/tls/certificate.yaml";
+const TLS_SERVICE_PATCH: &str = "k8s/overlays/tls/service-patch.yaml";
 
 fn read(relative: &str) -> String {
     std::fs::read_to_string(repo_file(relative)).unwrap_or_else(|err| panic!("{relative}: {err}"))
@@ -176,4 +180,70 @@ fn termination_grace_period_exceeds_drain_delay_and_shutdown_grace() {
         "terminationGracePeriodSeconds ({period:?}) must exceed server.shutdown_grace \
          + drain_delay ({shutdown_grace:?}), or the kubelet kills lfguard while it drains"
     );
+}
+
+/// The value after `key:` on the first line of `text` that has it, after `after` if given.
+fn yaml_value(text: &str, key: &str, after: Option<&str>) -> String {
+    let start = after.map_or(0, |after| {
+        text.find(after)
+            .unwrap_or_else(|| panic!("no {after:?} in\n{text}"))
+    });
+    text[start..]
+        .lines()
+        .find_map(|line| line.trim().strip_prefix(key))
+        .map(|value| value.trim().to_string())
+        .unwrap_or_else(|| panic!("no {key:?} in\n{text}"))
+}
+
+#[test]
+fn tls_overlay_serves_the_cert_manager_secret_it_mounts() {
+    let patch = read(TLS_PATCH);
+    let cert_file = yaml_value(
+        &patch,
+        "value:",
+        Some("name: LFGUARD_SERVER__TLS__CERT_FILE"),
+    );
+    let key_file = yaml_value(
+        &patch,
+        "value:",
+        Some("name: LFGUARD_SERVER__TLS__KEY_FILE"),
+    );
+    let mount = yaml_value(&patch, "mountPath:", None);
+    // cert-manager writes tls.crt and tls.key into the Secret the pod mounts as a directory.
+    assert_eq!(cert_file, format!("{mount}/tls.crt"));
+    assert_eq!(key_file, format!("{mount}/tls.key"));
+    assert!(
+        !mount.starts_with("/etc/lfguard"),
+        "inside the ConfigMap's mount"
+    );
+    let certificate = read(TLS_CERTIFICATE);
+    assert_eq!(yaml_value(&certificate, "kind:", None), "Certificate");
+    assert_eq!(
+        yaml_value(&certificate, "secretName:", None),
+        yaml_value(&patch, "secretName:", None),
+        "the Certificate's Secret is the one mounted"
+    );
+    let service = read(TLS_SERVICE_PATCH);
+    assert_eq!(yaml_value(&service, "port:", None), "443");
+    assert_eq!(yaml_value(&service, "targetPort:", None), "8080");
+
+    // The overlay's environment, with a certificate made here where the pod has cert-manager's.
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["webhooks.example.com".to_string()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (crt, pem) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&crt, cert.pem()).unwrap();
+    std::fs::write(&pem, key.serialize_pem()).unwrap();
+    let (output, _partners) = check_config(&[
+        ("LFGUARD_SERVER__TLS__CERT_FILE", crt.to_str().unwrap()),
+        ("LFGUARD_SERVER__TLS__KEY_FILE", pem.to_str().unwrap()),
+    ]);
+    let config = effective(&output);
+    assert_eq!(
+        get_str(&config, "server.tls.cert_file"),
+        crt.to_str().unwrap()
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.starts_with("# server.tls.cert_file: "), "{stdout}");
 }

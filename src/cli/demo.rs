@@ -8,23 +8,25 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
+use clap::Args;
 use http::{Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+use crate::cli::client::{Client, TLS_FAILED, Target, Verify};
 use crate::cli::echo::{self, Received};
 use crate::cli::send::{DeliveryIds, now_millis};
-use crate::config::{Config, OnDuplicate, PartnerConfig, RouteConfig, StoreKind};
+use crate::config::{
+    Config, ListenerTlsConfig, OnDuplicate, PartnerConfig, RouteConfig, StoreKind,
+};
 use crate::server::{self, Bound};
 use crate::verify::signature::{self, Body, Encoding, NullValues};
 
@@ -40,6 +42,31 @@ const FORGED_SECRET: &str = "a-guessed-secret";
 const STALE_AGE: Duration = Duration::from_secs(3 * 24 * 3600);
 /// How long one callback may take; the demo fails rather than hangs.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `demo`'s flags: with a certificate, lfguard's port speaks TLS and the callbacks go over https.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// A PEM certificate (full chain) for lfguard's port, as [server.tls] cert_file: the demo
+    /// then speaks https, which checks that lfguard serves it as a client would see it.
+    #[arg(long, value_name = "FILE", requires = "key_file")]
+    cert_file: Option<PathBuf>,
+    /// Its PEM private key, as [server.tls] key_file.
+    #[arg(long, value_name = "FILE", requires = "cert_file")]
+    key_file: Option<PathBuf>,
+    /// The PEM CAs the demo's client verifies the certificate against, instead of the
+    /// platform's roots.
+    #[arg(long, value_name = "FILE", requires = "cert_file")]
+    ca_file: Option<PathBuf>,
+    /// The name the certificate is verified for (and sent as SNI); the demo connects to its
+    /// own lfguard on 127.0.0.1 whatever the name.
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "localhost",
+        requires = "cert_file"
+    )]
+    server_name: String,
+}
 
 /// What a row should show: lfguard's status and outcome, and whether the backend got the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,16 +156,21 @@ async fn run_cases(
     bound: Bound,
     secret: &str,
     on_duplicate: OnDuplicate,
+    args: &DemoArgs,
 ) -> Result<Vec<Row>, String> {
-    let uri: Uri = format!("http://{}{PATH}", bound.proxy)
-        .parse()
-        .map_err(|err| format!("{err}"))?;
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
+    let uri = demo_uri(bound, args)?;
+    let verify = Verify::Roots(args.ca_file.as_deref());
+    let mut client = Client::new(Target::new(&uri, verify, Some(bound.proxy))?);
     let mut rows = Vec::new();
     for case in cases(secret, on_duplicate) {
         let before = recorded_lock(recorded).len();
-        let answer = post(&client, &uri, &case).await;
+        let answer = post(&mut client, &uri, &case).await;
+        // No callback can get through a certificate the client refuses: say so once.
+        if let Err(err) = &answer
+            && err.starts_with(TLS_FAILED)
+        {
+            return Err(format!("{uri}: {err}"));
+        }
         // The backend records a request before answering it, and lfguard answers only after the
         // backend did: whatever the backend got for this callback is recorded by now.
         let received = recorded_lock(recorded)[before..].to_vec();
@@ -151,8 +183,17 @@ async fn run_cases(
     Ok(rows)
 }
 
+/// Where the callbacks go: lfguard's port, as `https://NAME:PORT` when it speaks TLS.
+fn demo_uri(bound: Bound, args: &DemoArgs) -> Result<Uri, String> {
+    let url = match &args.cert_file {
+        None => format!("http://{}{PATH}", bound.proxy),
+        Some(_) => format!("https://{}:{}{PATH}", args.server_name, bound.proxy.port()),
+    };
+    url.parse().map_err(|err| format!("{url}: {err}"))
+}
+
 /// `demo`: `Ok(true)` when every row is as expected.
-pub async fn demo() -> Result<bool, String> {
+pub async fn demo(args: &DemoArgs) -> Result<bool, String> {
     let secret = demo_secret()?;
 
     let recorded: Arc<Mutex<Vec<Received>>> = Arc::default();
@@ -174,7 +215,15 @@ pub async fn demo() -> Result<bool, String> {
         std::future::pending(),
     ));
 
-    let config = demo_config(backend, &secret)?;
+    let tls = match (&args.cert_file, &args.key_file) {
+        (Some(cert_file), Some(key_file)) => Some(ListenerTlsConfig {
+            cert_file: cert_file.clone(),
+            key_file: key_file.clone(),
+            client_ca_file: None,
+        }),
+        _ => None,
+    };
+    let config = demo_config(backend, &secret, tls)?;
     let on_duplicate = config.replay.on_duplicate;
     let (ready_tx, ready_rx) = oneshot::channel();
     // The server's future is not `Send`, so it runs in this task, polled beside the demo.
@@ -190,12 +239,13 @@ pub async fn demo() -> Result<bool, String> {
         }
     };
     let rows = tokio::select! {
-        rows = run_cases(&recorded, bound, &secret, on_duplicate) => rows?,
+        rows = run_cases(&recorded, bound, &secret, on_duplicate, args) => rows?,
         result = &mut lfguard => {
             return Err(format!("lfguard stopped during the demo: {result:?}"));
         }
     };
-    print!("{}", report(backend, bound, &rows));
+    let uri = demo_uri(bound, args)?;
+    print!("{}", report(backend, bound, &uri, &rows));
     Ok(rows.iter().all(Row::as_expected))
 }
 
@@ -213,8 +263,13 @@ fn demo_secret() -> Result<String, String> {
 }
 
 /// The shipped configuration with free loopback ports, the demo's backend, one partner with the
-/// demo's secret, the memory replay store and a route checked against the SMS uplink schema.
-fn demo_config(backend: SocketAddr, secret: &str) -> Result<Config, String> {
+/// demo's secret, the memory replay store, a route checked against the SMS uplink schema, and
+/// `[server.tls]` when given.
+fn demo_config(
+    backend: SocketAddr,
+    secret: &str,
+    tls: Option<ListenerTlsConfig>,
+) -> Result<Config, String> {
     let mut config: Config = toml::from_str(SHIPPED_CONFIG)
         .map_err(|err| format!("the shipped config/lfguard.toml: {err}"))?;
     let free_loopback_port = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -222,6 +277,7 @@ fn demo_config(backend: SocketAddr, secret: &str) -> Result<Config, String> {
     config.server.admin_listen = free_loopback_port;
     config.upstream.url = format!("http://{backend}");
     config.replay.store = StoreKind::Memory;
+    config.server.tls = tls;
     config.partners_dir = None;
     config.partners = BTreeMap::from([(
         PARTNER.to_string(),
@@ -347,11 +403,7 @@ fn cases(secret: &str, on_duplicate: OnDuplicate) -> Vec<Case> {
 }
 
 /// POSTs a case as Linksfield would and reads lfguard's status and outcome.
-async fn post(
-    client: &Client<HttpConnector, Full<Bytes>>,
-    uri: &Uri,
-    case: &Case,
-) -> Result<(u16, String), String> {
+async fn post(client: &mut Client, uri: &Uri, case: &Case) -> Result<(u16, String), String> {
     let request = Request::post(uri.clone())
         .header(header::CONTENT_TYPE, "application/json")
         .header("x-lf-md5", &case.signature)
@@ -359,10 +411,7 @@ async fn post(
         .body(Full::new(Bytes::from(case.body.clone())))
         .map_err(|err| err.to_string())?;
     let exchange = async {
-        let response = client
-            .request(request)
-            .await
-            .map_err(|err| err.to_string())?;
+        let response = client.request(request).await?;
         let status = response.status().as_u16();
         let duplicate = response.headers().contains_key("x-lfguard-duplicate");
         let body = response
@@ -394,15 +443,22 @@ fn outcome(status: u16, duplicate: bool, body: &[u8]) -> String {
 }
 
 /// The table, the reasons, the bodies and what the backend received for the genuine callback.
-fn report(backend: SocketAddr, bound: Bound, rows: &[Row]) -> String {
+fn report(backend: SocketAddr, bound: Bound, uri: &Uri, rows: &[Row]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "lfguard demo: a recording backend on {backend} and lfguard on {} (admin {}),\n\
          running the shipped config/lfguard.toml with partner {PARTNER} (its secret made for this run),\n\
-         the memory replay store, and POST {PATH} checked against schema {SCHEMA}.\n",
+         the memory replay store, and POST {PATH} checked against schema {SCHEMA}.",
         bound.proxy, bound.admin
     );
+    if uri.scheme_str() == Some("https") {
+        let _ = writeln!(
+            out,
+            "lfguard's port speaks TLS: the callbacks go to {uri}, its certificate verified."
+        );
+    }
+    let _ = writeln!(out);
     let header = ["case", "sent", "lfguard answered", "backend received"];
     let cells: Vec<[String; 4]> = rows
         .iter()
@@ -492,7 +548,7 @@ mod tests {
 
     #[test]
     fn the_demo_config_is_the_shipped_one_on_free_ports() {
-        let config = demo_config("127.0.0.1:9".parse().unwrap(), "s").unwrap();
+        let config = demo_config("127.0.0.1:9".parse().unwrap(), "s", None).unwrap();
         assert_eq!(config.server.listen.port(), 0);
         assert_eq!(config.server.admin_listen.port(), 0);
         assert_eq!(config.upstream.url, "http://127.0.0.1:9");
@@ -544,7 +600,8 @@ mod tests {
             proxy: "127.0.0.1:2".parse().unwrap(),
             admin: "127.0.0.1:3".parse().unwrap(),
         };
-        let text = report("127.0.0.1:1".parse().unwrap(), bound, &rows);
+        let uri: Uri = "http://127.0.0.1:2/linksfield/sms-uplink".parse().unwrap();
+        let text = report("127.0.0.1:1".parse().unwrap(), bound, &uri, &rows);
         let marked: Vec<&str> = text
             .lines()
             .filter(|l| l.contains("NOT AS EXPECTED"))

@@ -1,6 +1,7 @@
 //! The command line: the subcommands and their flags, and what they share (the secret, the body,
 //! the canonicalisation flags). Each subcommand lives in its own file: `sign` (sign and verify),
-//! `send`, `echo` and `demo`; `main.rs` runs `serve` and `check-config`.
+//! `send`, `echo` and `demo`; `client` is the HTTP(S) client of `send` and `demo`; `main.rs` runs
+//! `serve` and `check-config`.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -9,12 +10,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::verify::signature::{Body, Encoding, NestedValues, NullValues};
 
+pub mod client;
 pub mod demo;
 pub mod echo;
 pub mod send;
 pub mod sign;
 
-pub use self::demo::demo;
+pub use self::demo::{DemoArgs, demo};
 pub use self::echo::{EchoArgs, echo};
 pub use self::send::{SendArgs, send};
 pub use self::sign::{SignArgs, VerifyArgs, sign, verify};
@@ -93,7 +95,11 @@ Examples:
                                                    a sample SMS uplink for partner P123456
   lfguard send http://127.0.0.1:8080/callback --secret-file secret.txt - < body.json
   lfguard send http://127.0.0.1:8080/callback --secret dev-only-change-me --count 1000 --concurrency 8
-                                                   a bounded load run: throughput, latency, statuses")]
+                                                   a bounded load run: throughput, latency, statuses
+  lfguard send https://callbacks.example.com/callback --secret-file secret.txt
+                                                   over TLS, verified against the platform's roots
+  lfguard send https://localhost:8443/callback --secret dev-only-change-me --ca-file ca.pem
+                                                   verified against a private or test CA")]
     Send(SendArgs),
     /// Run a backend that prints every request it receives and answers 200 (or --status).
     #[command(after_help = "\
@@ -115,8 +121,13 @@ Try the sidecar by hand, in three terminals:
     #[command(after_help = "\
 Examples:
   lfguard demo                                     nothing else needs to run; ports are chosen free
-  lfguard demo && echo 'lfguard works'             exit 0 when every row is as expected, 1 if not")]
-    Demo,
+  lfguard demo && echo 'lfguard works'             exit 0 when every row is as expected, 1 if not
+  lfguard demo --cert-file fullchain.pem --key-file privkey.pem --server-name callbacks.example.com
+                                                   the same over https with your certificate, verified
+                                                   against the platform's roots as Linksfield would
+  lfguard demo --cert-file server.crt --key-file server.key --ca-file ca.pem
+                                                   a certificate of a private CA, for localhost")]
+    Demo(DemoArgs),
 }
 
 /// The configuration file, for `serve` and `check-config`.

@@ -5,13 +5,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use std::path::PathBuf;
+
 use bytes::Bytes;
 use clap::Args;
 use http::{Request, header};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
+use crate::cli::client::{Client, Target, Verify};
 use crate::cli::{SecretArg, SignEncoding, is_form, parse, read_body};
 use crate::verify::signature::{self, Encoding, NullValues};
 
@@ -34,6 +35,14 @@ pub struct SendArgs {
     /// Requests in flight at once, each on its own kept-alive connection.
     #[arg(long, default_value_t = 1, value_name = "C")]
     concurrency: u64,
+    /// For an https:// URL: the PEM CAs to verify the server's certificate against, instead of
+    /// the platform's roots (a private or test CA).
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// For an https:// URL: do not verify the server's certificate at all. For test setups only;
+    /// prints a warning.
+    #[arg(long, conflicts_with = "ca_file")]
+    insecure: bool,
     /// The body, or `-` for standard input; a sample SMS uplink callback received now when
     /// omitted. Signed with null values as `key=`, as Linksfield does.
     #[arg(value_name = "BODY")]
@@ -122,9 +131,16 @@ pub async fn send(args: &SendArgs) -> Result<bool, String> {
             (Some(body), _) => distinct(body, run, sequence),
         }
     };
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(usize::try_from(args.concurrency).unwrap_or(usize::MAX))
-        .build_http();
+    let verify = if args.insecure {
+        eprintln!(
+            "lfguard: warning: --insecure: the server's certificate is not verified; anyone on \
+             the way can read and change these callbacks (for test setups only)"
+        );
+        Verify::Insecure
+    } else {
+        Verify::Roots(args.ca_file.as_deref())
+    };
+    let target = Target::new(&uri, verify, None)?;
     let encoding: Encoding = args.encoding.into();
     let request_for = |body: Vec<u8>| -> Result<Request<Full<Bytes>>, String> {
         let form = is_form(&body);
@@ -144,10 +160,10 @@ pub async fn send(args: &SendArgs) -> Result<bool, String> {
     };
 
     if count == 1 {
-        let response = client
+        let response = Client::new(target)
             .request(request_for(build(0)?)?)
             .await
-            .map_err(|err| format!("{}: {}", args.url, with_causes(&err)))?;
+            .map_err(|err| format!("{}: {err}", args.url))?;
         let status = response.status();
         let body = response
             .into_body()
@@ -168,7 +184,7 @@ pub async fn send(args: &SendArgs) -> Result<bool, String> {
     let mut workers = Vec::new();
     for _ in 0..args.concurrency.clamp(1, count) {
         let queue = queue.clone();
-        let client = client.clone();
+        let mut client = Client::new(target.clone());
         workers.push(tokio::spawn(async move {
             let mut samples: Vec<(Option<u16>, Duration)> = Vec::new();
             loop {
@@ -198,22 +214,6 @@ pub async fn send(args: &SendArgs) -> Result<bool, String> {
     Ok(samples
         .iter()
         .all(|(status, _)| status.is_some_and(|s| (200..300).contains(&s))))
-}
-
-/// An error and its causes, `outer: inner: …`: the client's own message ("client error
-/// (Connect)") does not say what went wrong.
-fn with_causes(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 fn print_summary(samples: &[(Option<u16>, Duration)], elapsed: Duration) {

@@ -136,8 +136,13 @@ impl<'a> Sources<'a> {
     }
 }
 
-/// Reads the merged `tree` into a `Config` and checks it, reporting every problem.
-pub(super) fn check(tree: &Value, file: Option<&File<'_>>) -> Result<Config, ConfigError> {
+/// Reads the merged `tree` into a `Config` and checks it, reporting every problem; with
+/// `certificates`, the certificate files too.
+pub(super) fn check(
+    tree: &Value,
+    file: Option<&File<'_>>,
+    certificates: bool,
+) -> Result<Config, ConfigError> {
     let sources = Sources {
         tree,
         file,
@@ -172,7 +177,11 @@ pub(super) fn check(tree: &Value, file: Option<&File<'_>>) -> Result<Config, Con
     let Some(config) = config else {
         return Err(ConfigError(lines));
     };
-    for problem in config.problems() {
+    let mut problems = config.problems();
+    if certificates {
+        problems.extend(config.certificates().err().unwrap_or_default());
+    }
+    for problem in problems {
         let Some((key, message)) = problem.split_once(": ") else {
             lines.push(problem);
             continue;

@@ -85,7 +85,8 @@ impl Proxy {
         } else {
             headers.insert(X_FORWARDED_FOR, peer.forwarded_for.clone());
         }
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        let proto = if self.settings.https { "https" } else { "http" };
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         match headers.get(header::HOST).cloned() {
             Some(host) => headers.insert(X_FORWARDED_HOST, host),
             None => headers.remove(X_FORWARDED_HOST),

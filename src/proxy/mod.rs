@@ -61,6 +61,8 @@ pub struct Settings {
     pub max_body_bytes: u64,
     /// `server.body_read_timeout`
     pub body_read_timeout: Duration,
+    /// `[server.tls]` is set: clients connect with TLS (`X-Forwarded-Proto: https`).
+    pub https: bool,
 }
 
 pub struct Proxy {
@@ -80,22 +82,22 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// `upstream` is the pool for `settings.upstream` (`Upstream::new`).
     pub fn new(
         settings: Settings,
+        upstream: Arc<Upstream>,
         secrets: Arc<ArcSwap<SecretStore>>,
         replay: Arc<AnyStore>,
         metrics: Arc<Metrics>,
         budget: Arc<BodyBudget>,
         draining: Arc<AtomicBool>,
     ) -> Self {
-        let upstream =
-            Upstream::new(&settings.upstream).expect("upstream.url was validated at config load");
         Proxy {
             settings,
             secrets,
             replay,
             metrics,
-            upstream: Arc::new(upstream),
+            upstream,
             budget,
             draining,
             cut: AtomicBool::new(false),

@@ -1,7 +1,8 @@
 //! The admin listener (`server.admin_listen`):
 //! - `GET /healthz` — 200 while the process runs;
-//! - `GET /readyz` — 200 when secrets are loaded and the replay store answers, 503 otherwise and
-//!   from the moment shutdown begins;
+//! - `GET /readyz` — 200 when secrets are loaded, the replay store answers and the listener's
+//!   certificate (with `[server.tls]`) has not expired, 503 otherwise and from the moment
+//!   shutdown begins;
 //! - `GET /metrics` — Prometheus text format.
 
 use std::sync::Arc;
@@ -75,6 +76,9 @@ impl Admin {
     async fn readiness(&self) -> Response<ProxyBody> {
         if self.shared.draining.load(Ordering::SeqCst) {
             return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+        }
+        if let Some(Err(reason)) = self.shared.listener_tls.as_ref().map(|tls| tls.valid_now()) {
+            return text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n"));
         }
         if self.shared.secrets.load().partner_count() == 0 {
             return text(

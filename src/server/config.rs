@@ -1,6 +1,7 @@
 //! The `[server]` section: listeners, limits and shutdown timing.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -37,6 +38,22 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Tokio worker threads; 0 means one per core.
     pub worker_threads: usize,
+    /// `[server.tls]`: the proxy port speaks TLS. Without it, plain HTTP (the sidecar's case,
+    /// with TLS ended in front of lfguard).
+    pub tls: Option<ListenerTlsConfig>,
+}
+
+/// `[server.tls]`: the certificate the proxy port presents, and whom it asks for one.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsConfig {
+    /// PEM: the server certificate first, then the intermediates (a full chain).
+    pub cert_file: PathBuf,
+    /// PEM: its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM: the CAs whose client certificates are accepted; set, every client must present one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -57,6 +74,7 @@ impl Default for ServerConfig {
             drain_delay: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(20),
             worker_threads: 0,
+            tls: None,
         }
     }
 }

@@ -128,6 +128,24 @@ impl ConnState {
     }
 }
 
+impl ConnState {
+    /// Hands the connection's task waker to the registry, once per task (`SHED` and `STOP`
+    /// wake it).
+    fn register(&self, registered: &mut Option<Waker>, cx: &Context<'_>) {
+        if registered
+            .as_ref()
+            .is_none_or(|waker| !waker.will_wake(cx.waker()))
+        {
+            let waker = cx.waker().clone();
+            *self
+                .task
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(waker.clone());
+            *registered = Some(waker);
+        }
+    }
+}
+
 impl Connections {
     pub fn new(listener: &'static str, cap: usize, shed: IntCounter) -> Arc<Self> {
         Arc::new(Connections {
@@ -262,6 +280,28 @@ impl Drop for Connection {
 }
 
 impl Connection {
+    /// Runs `opening` (the TLS handshake) before the connection serves, holding its slot:
+    /// `None` when the registry closed it meanwhile to make room. Until it has had a request, a
+    /// connection is idle, in its handshake as much as while it sends its first headers.
+    pub async fn opening<F: Future>(&self, opening: F) -> Option<F::Output> {
+        let state = &self.state;
+        let mut registered: Option<Waker> = None;
+        let mut opening = std::pin::pin!(opening);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(output) = opening.as_mut().poll(cx) {
+                return Poll::Ready(Some(output));
+            }
+            state.register(&mut registered, cx);
+            // `STOP` lets it go on, as a connection that may be sending its first request does;
+            // the caller's timeout bounds it.
+            if state.flags.load(Ordering::SeqCst) & SHED != 0 {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
     /// Serves HTTP/1.1 on `stream` with `handler` until the client closes, hyper ends the
     /// connection (timeouts, errors), the registry closes it to make room, or `stop_all` asks it
     /// to finish its request and close.
@@ -299,17 +339,7 @@ impl Connection {
             if let Poll::Ready(result) = connection.as_mut().poll(cx) {
                 return Poll::Ready(Some(result));
             }
-            if registered
-                .as_ref()
-                .is_none_or(|waker| !waker.will_wake(cx.waker()))
-            {
-                let waker = cx.waker().clone();
-                *state
-                    .task
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(waker.clone());
-                registered = Some(waker);
-            }
+            state.register(&mut registered, cx);
             let flags = state.flags.load(Ordering::SeqCst);
             if closing || flags & (SHED | STOP) == 0 {
                 return Poll::Pending;

@@ -16,10 +16,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::Config;
 use crate::proxy::framing::Watched;
 use crate::proxy::limits::BodyBudget;
+use crate::proxy::upstream::Upstream;
 use crate::proxy::{Peer, Proxy, Settings};
 use crate::server::admin::Admin;
 use crate::server::connections::Connections;
 use crate::server::shared::Shared;
+use crate::server::tls::ListenerTls;
 use crate::state::replay::AnyStore;
 use crate::telemetry::metrics::Metrics;
 use crate::verify::duration::Short;
@@ -30,6 +32,7 @@ pub mod connections;
 pub mod reload;
 pub mod shared;
 pub mod signals;
+pub mod tls;
 
 /// How long the replay claims of requests cut at the end of `server.shutdown_grace` may take to
 /// be released (a Redis store answers within its 2 s command timeout).
@@ -76,6 +79,18 @@ async fn start(
         }
     }
     let metrics = Arc::new(Metrics::new());
+    let listener_tls = match &config.server.tls {
+        Some(files) => Some(Arc::new(
+            ListenerTls::load(files, config.server.header_read_timeout, metrics.clone())
+                .map_err(|problems| problems.join("; "))?,
+        )),
+        None => None,
+    };
+    let upstream = Arc::new(
+        Upstream::new(&config.upstream)
+            .map_err(|err| format!("upstream: {err}"))?
+            .with_metrics(metrics.clone()),
+    );
     let shared = Arc::new(Shared {
         secrets: Arc::new(ArcSwap::from_pointee(secrets)),
         replay: AnyStore::from_config(&config.replay).map_err(|err| err.0)?,
@@ -91,13 +106,15 @@ async fn start(
             metrics.connections_shed("admin"),
         ),
         metrics,
+        listener_tls,
+        upstream: upstream.clone(),
         draining: Arc::new(AtomicBool::new(false)),
         config: config.clone(),
         config_path,
     });
 
-    let proxy_listener = bind(config.server.listen, "proxy").await?;
-    let admin_listener = bind(config.server.admin_listen, "admin").await?;
+    let proxy_listener = bind(config.server.listen, "proxy", config.server.tls.is_some()).await?;
+    let admin_listener = bind(config.server.admin_listen, "admin", false).await?;
     let bound = Bound {
         proxy: local_addr(&proxy_listener, "proxy")?,
         admin: local_addr(&admin_listener, "admin")?,
@@ -115,6 +132,7 @@ async fn start(
 
     let proxy = Arc::new(Proxy::new(
         proxy_settings(&config),
+        upstream,
         shared.secrets.clone(),
         shared.replay.clone(),
         shared.metrics.clone(),
@@ -136,6 +154,7 @@ async fn start(
         proxy,
         shared.proxy_connections.clone(),
         shared.replay.clone(),
+        shared.listener_tls.clone(),
         &config,
         stop_rx,
     )
@@ -158,16 +177,17 @@ fn proxy_settings(config: &Config) -> Settings {
         schemas: config.schemas.clone(),
         max_body_bytes: config.server.max_body_bytes,
         body_read_timeout: config.server.body_read_timeout,
+        https: config.server.tls.is_some(),
     }
 }
 
-async fn bind(addr: SocketAddr, name: &'static str) -> Result<TcpListener, String> {
+async fn bind(addr: SocketAddr, name: &'static str, tls: bool) -> Result<TcpListener, String> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|err| format!("cannot listen on {addr} ({name}): {err}"))?;
     let local = local_addr(&listener, name)?;
     // Tests and scripts read this event to learn an ephemeral port.
-    tracing::info!(listener = name, addr = %local, "listening");
+    tracing::info!(listener = name, addr = %local, tls, "listening");
     Ok(listener)
 }
 
@@ -197,6 +217,7 @@ async fn serve_proxy(
     proxy: Arc<Proxy>,
     connections: Arc<Connections>,
     replay: Arc<AnyStore>,
+    tls: Option<Arc<ListenerTls>>,
     config: &Config,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -233,16 +254,27 @@ async fn serve_proxy(
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
         let client = Arc::new(Peer::new(peer));
-        let stream = Watched::new(
-            stream,
-            client.head_watch().clone(),
-            config.server.max_header_bytes,
-        );
+        let watch = client.head_watch().clone();
+        let max_header_bytes = config.server.max_header_bytes;
         let handler = move |request| proxy.clone().handle(request, client.clone());
         let builder = builder.clone();
         let live = live.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            connection.serve(stream, &builder, handler).await;
+            match tls {
+                None => {
+                    let stream = Watched::new(stream, watch, max_header_bytes);
+                    connection.serve(stream, &builder, handler).await;
+                }
+                // The handshake holds the connection's slot; the scanner reads the decrypted
+                // bytes, as hyper does.
+                Some(tls) => {
+                    if let Some(Some(stream)) = connection.opening(tls.accept(stream, peer)).await {
+                        let stream = Watched::new(stream, watch, max_header_bytes);
+                        connection.serve(stream, &builder, handler).await;
+                    }
+                }
+            }
             drop(live);
         });
     }

@@ -1,5 +1,7 @@
-//! Reloading partners, secrets and modes: on SIGHUP, and when the config file or a secret source
-//! changes. The configuration is re-read whole; only `SecretStore` is swapped.
+//! Reloading partners, secrets and modes, and the certificate files (the listener's, an https
+//! upstream's): on SIGHUP, and when the config file, a secret source or a certificate file
+//! changes. The configuration is re-read whole; only `SecretStore` and the TLS configurations are
+//! swapped.
 
 use std::sync::Arc;
 
@@ -13,11 +15,16 @@ use crate::state::secrets::SecretStore;
 /// in whole. A failed read keeps the last good set, logs why and counts it.
 pub fn reload(shared: &Shared, trigger: &'static str) {
     apply(shared, load_current(shared), trigger);
+    if let Some(tls) = &shared.listener_tls {
+        tls.reload(trigger, true);
+    }
+    shared.upstream.reload_tls(trigger, true);
 }
 
 /// The configuration as it is now on disk and in the environment, and its secrets.
 fn load_current(shared: &Shared) -> Result<(Config, SecretStore), Vec<String>> {
-    let config = crate::config::load(shared.config_path.as_deref()).map_err(|err| err.0)?;
+    let config =
+        crate::config::load_for_reload(shared.config_path.as_deref()).map_err(|err| err.0)?;
     let secrets = secrets_of(&config)?;
     Ok((config, secrets))
 }
@@ -79,6 +86,10 @@ pub async fn watch(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         if !unchanged {
             apply(&shared, loaded, "file change");
         }
+        if let Some(tls) = &shared.listener_tls {
+            tls.reload("file change", false);
+        }
+        shared.upstream.reload_tls("file change", false);
     }
 }
 

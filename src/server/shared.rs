@@ -8,7 +8,9 @@ use arc_swap::ArcSwap;
 
 use crate::config::Config;
 use crate::proxy::limits::BodyBudget;
+use crate::proxy::upstream::Upstream;
 use crate::server::connections::Connections;
+use crate::server::tls::ListenerTls;
 use crate::state::replay::AnyStore;
 use crate::state::secrets::SecretStore;
 use crate::telemetry::metrics::Metrics;
@@ -28,6 +30,10 @@ pub struct Shared {
     pub proxy_connections: Arc<Connections>,
     /// The connections of the admin port (`server.admin_max_connections`).
     pub admin_connections: Arc<Connections>,
+    /// `[server.tls]`: the proxy port's certificate, re-read on reload.
+    pub listener_tls: Option<Arc<ListenerTls>>,
+    /// The backend's connection pool, whose certificate files (https) a reload re-reads.
+    pub upstream: Arc<Upstream>,
     /// Set once shutdown begins: readiness answers 503 from then on, and the proxy's answers
     /// carry `Connection: close`.
     pub draining: Arc<AtomicBool>,

@@ -1,5 +1,6 @@
-//! State that outlives a request: the partners' secrets (swapped whole on reload) and the replay
-//! store. Depends only on the pure core.
+//! State that outlives a request: the partners' secrets (swapped whole on reload), the replay
+//! store, and the certificate files of TLS. Depends only on the pure core.
 
+pub mod certs;
 pub mod replay;
 pub mod secrets;

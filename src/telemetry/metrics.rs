@@ -45,6 +45,9 @@ pub struct Metrics {
     connections: IntGaugeVec,
     connections_limit: IntGaugeVec,
     connections_shed: IntCounterVec,
+    tls_certificate_expiry: IntGaugeVec,
+    tls_handshake_failures: IntCounterVec,
+    tls_certificate_reloads: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -165,6 +168,31 @@ impl Metrics {
             &["listener"],
         )
         .expect("valid metric");
+        let tls_certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                "lfguard_tls_certificate_expiry_timestamp_seconds",
+                "When a certificate in use expires (Unix time), by role: listener (the proxy port's), \
+                 upstream (the backend's, as last presented), upstream_client (lfguard's to the backend)",
+            ),
+            &["role"],
+        )
+        .expect("valid metric");
+        let tls_handshake_failures = IntCounterVec::new(
+            Opts::new(
+                "lfguard_tls_handshake_failures_total",
+                "Failed TLS handshakes by role (listener, upstream) and reason",
+            ),
+            &["role", "reason"],
+        )
+        .expect("valid metric");
+        let tls_certificate_reloads = IntCounterVec::new(
+            Opts::new(
+                "lfguard_tls_certificate_reloads_total",
+                "Certificates re-read after their files changed, by role and result (a failure keeps the one in use)",
+            ),
+            &["role", "result"],
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new("lfguard_build_info", "The running lfguard version"),
             &["version"],
@@ -193,6 +221,9 @@ impl Metrics {
             Box::new(connections.clone()),
             Box::new(connections_limit.clone()),
             Box::new(connections_shed.clone()),
+            Box::new(tls_certificate_expiry.clone()),
+            Box::new(tls_handshake_failures.clone()),
+            Box::new(tls_certificate_reloads.clone()),
             Box::new(build_info),
         ] {
             registry
@@ -224,6 +255,40 @@ impl Metrics {
             connections,
             connections_limit,
             connections_shed,
+            tls_certificate_expiry,
+            tls_handshake_failures,
+            tls_certificate_reloads,
+        }
+    }
+
+    /// A role (`listener`, `upstream`, `upstream_client`) uses a certificate expiring at `unix`.
+    pub fn tls_certificate_expiry(&self, role: &str, unix: i64) {
+        self.tls_certificate_expiry
+            .with_label_values(&[role])
+            .set(unix);
+    }
+
+    /// A TLS handshake of `role` (`listener`, `upstream`) failed for `reason`.
+    pub fn tls_handshake_failure(&self, role: &str, reason: &str) {
+        self.tls_handshake_failures
+            .with_label_values(&[role, reason])
+            .inc();
+    }
+
+    /// A role's certificate files changed and were re-read: `ok` when the new ones are in use.
+    pub fn tls_certificate_reload(&self, role: &str, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.tls_certificate_reloads
+            .with_label_values(&[role, result])
+            .inc();
+    }
+
+    /// Shows a role's reload counters at 0 from the start, so that an alert on failures has a
+    /// series to compare against.
+    pub fn tls_reloads_start(&self, role: &str) {
+        for result in ["success", "failure"] {
+            self.tls_certificate_reloads
+                .with_label_values(&[role, result]);
         }
     }
 

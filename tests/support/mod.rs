@@ -19,6 +19,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use lfguard::signature::{self, Body, Encoding, NullValues};
 
+pub mod tls;
+
 pub const PARTNER: &str = "P002671";
 pub const SECRET: &str = "xGl64jNW4B223SSDAsddgh=n";
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -98,11 +100,36 @@ struct BackendState {
     /// Replies used in order; the default reply once they run out.
     script: Mutex<VecDeque<Reply>>,
     default_reply: Mutex<Reply>,
+    handshake_failures: Mutex<Vec<String>>,
+    /// Connections served (for a TLS backend, those whose handshake completed).
+    connections: std::sync::atomic::AtomicUsize,
+}
+
+/// Serves one backend connection; with `idle_timeout`, a kept-alive connection idle that long
+/// is closed (a backend's keep-alive timeout).
+async fn serve_backend<S>(stream: S, state: Arc<BackendState>, idle_timeout: Option<Duration>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    state
+        .connections
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let service = service_fn(move |request| record(state.clone(), request));
+    let mut builder = http1::Builder::new();
+    if let Some(idle) = idle_timeout {
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(idle);
+    }
+    let _ = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
 }
 
 /// A real HTTP backend that records every request it receives.
 pub struct Backend {
     pub addr: SocketAddr,
+    scheme: &'static str,
     state: Arc<BackendState>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -115,6 +142,16 @@ impl Backend {
 
     /// Starts on a given address (to bring a backend "back up" where lfguard expects it).
     pub fn start_on(addr: SocketAddr) -> Backend {
+        Backend::start_serving(addr, None)
+    }
+
+    /// A backend speaking TLS (see `tls::BackendTls`); its `url` is `https://localhost:PORT`.
+    pub fn start_tls(tls: tls::BackendTls) -> Backend {
+        Backend::start_serving("127.0.0.1:0".parse().unwrap(), Some(tls))
+    }
+
+    fn start_serving(addr: SocketAddr, tls: Option<tls::BackendTls>) -> Backend {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let state = Arc::new(BackendState::default());
         let (addr_tx, addr_rx) = mpsc::channel();
         let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -134,11 +171,20 @@ impl Backend {
                         _ = &mut stop_rx => break,
                     };
                     let state = thread_state.clone();
+                    let tls = tls.clone();
                     tokio::spawn(async move {
-                        let service = service_fn(move |request| record(state.clone(), request));
-                        let _ = http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await;
+                        let Some(tls) = tls else {
+                            serve_backend(stream, state, None).await;
+                            return;
+                        };
+                        match tls.acceptor().accept(stream).await {
+                            Ok(stream) => serve_backend(stream, state, tls.idle_timeout).await,
+                            Err(err) => state
+                                .handshake_failures
+                                .lock()
+                                .unwrap()
+                                .push(err.to_string()),
+                        }
                     });
                 }
             });
@@ -148,14 +194,31 @@ impl Backend {
             .expect("backend started");
         Backend {
             addr,
+            scheme,
             state,
             stop: Some(stop_tx),
             thread: Some(thread),
         }
     }
 
+    /// `http://127.0.0.1:PORT`, or `https://localhost:PORT` for a TLS backend.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.scheme {
+            "https" => format!("https://localhost:{}", self.addr.port()),
+            _ => format!("http://{}", self.addr),
+        }
+    }
+
+    /// Connections served so far.
+    pub fn connections(&self) -> usize {
+        self.state
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// What failed TLS handshakes said (a TLS backend's).
+    pub fn handshake_failures(&self) -> Vec<String> {
+        self.state.handshake_failures.lock().unwrap().clone()
     }
 
     pub fn set_reply(&self, reply: Reply) {

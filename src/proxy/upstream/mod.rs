@@ -1,5 +1,5 @@
 //! The backend: where requests go (`UpstreamTarget`) and a pool of kept-alive HTTP/1.1
-//! connections to it (`Upstream`).
+//! connections to it (`Upstream`), over TLS for an `https://` URL (`tls`).
 //!
 //! lfguard talks to exactly one backend, so the pool is a stack of idle connections rather than
 //! hyper-util's general client, which per request hashes a pool key, boxes the request future and
@@ -7,6 +7,7 @@
 //! CPU under load). Here a connection goes back on the stack when its response body has been read
 //! to the end, and the most recently used one is taken first, so few connections stay warm.
 
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,23 +25,30 @@ use tokio::net::TcpStream;
 
 use serde::{Deserialize, Serialize};
 
+use crate::telemetry::metrics::Metrics;
 use crate::verify::duration::Short;
 
 mod body;
+pub mod tls;
 
 pub use self::body::{Deadline, ResponseDeadline, UpstreamBody};
+use self::tls::{TlsFiles, UpstreamTls};
 
-/// Where requests are forwarded: `http://authority` plus an optional path prefix.
+/// Where requests are forwarded: `http://authority` or `https://authority`, plus an optional path
+/// prefix.
 #[derive(Debug, Clone)]
 pub struct UpstreamTarget {
     authority: Authority,
     base_path: String,
+    /// `https://`: the connection speaks TLS.
+    tls: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// `http://host:port` with an optional path prefix; the request path is appended to it.
+    /// `http://host:port` or `https://host:port`, with an optional path prefix; the request path
+    /// is appended to it.
     pub url: String,
     #[serde(with = "crate::verify::duration")]
     pub timeout: Duration,
@@ -49,6 +57,15 @@ pub struct UpstreamConfig {
     pub pool_max_idle_per_host: usize,
     #[serde(with = "crate::verify::duration")]
     pub pool_idle_timeout: Duration,
+    /// https: PEM CAs the backend's certificate is verified against, instead of the platform's.
+    pub ca_file: Option<PathBuf>,
+    /// https: the name the backend's certificate must carry, sent as SNI; the URL's host when
+    /// unset. `Host` is not changed by it.
+    pub server_name: Option<String>,
+    /// https: a PEM certificate (full chain) lfguard presents when the backend asks for one.
+    pub client_cert_file: Option<PathBuf>,
+    /// https: its private key.
+    pub client_key_file: Option<PathBuf>,
 }
 
 impl Default for UpstreamConfig {
@@ -59,6 +76,10 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(5),
             pool_max_idle_per_host: 256,
             pool_idle_timeout: Duration::from_secs(90),
+            ca_file: None,
+            server_name: None,
+            client_cert_file: None,
+            client_key_file: None,
         }
     }
 }
@@ -75,19 +96,67 @@ impl UpstreamConfig {
                 problems.push(format!("{key}: must be greater than 0"));
             }
         }
-        if let Err(problem) = UpstreamTarget::parse(&self.url) {
+        let target = UpstreamTarget::parse(&self.url);
+        if let Err(problem) = &target {
             problems.push(format!("upstream.url: {problem}"));
         }
+        if let Ok(target) = &target
+            && !target.tls
+        {
+            for (key, set) in [
+                ("upstream.ca_file", self.ca_file.is_some()),
+                ("upstream.server_name", self.server_name.is_some()),
+                ("upstream.client_cert_file", self.client_cert_file.is_some()),
+                ("upstream.client_key_file", self.client_key_file.is_some()),
+            ] {
+                if set {
+                    problems.push(format!("{key}: only for an https:// upstream.url"));
+                }
+            }
+        }
+        if let Some(problem) = self
+            .server_name
+            .as_deref()
+            .and_then(tls::server_name_problem)
+        {
+            problems.push(problem);
+        }
+        match (&self.client_cert_file, &self.client_key_file) {
+            (Some(_), None) => problems
+                .push("upstream.client_key_file: required with upstream.client_cert_file".into()),
+            (None, Some(_)) => problems
+                .push("upstream.client_cert_file: required with upstream.client_key_file".into()),
+            (Some(_), Some(_)) | (None, None) => {}
+        }
         problems
+    }
+
+    /// For an https upstream, its certificate files: `Ok` with a line on each saying when it
+    /// expires, or every problem (see `Config::certificates`).
+    pub fn certificates(&self) -> Result<Vec<String>, Vec<String>> {
+        match UpstreamTarget::parse(&self.url) {
+            Ok(target) if target.tls => tls::check(&self.tls_files()),
+            Ok(_) | Err(_) => Ok(Vec::new()),
+        }
+    }
+
+    fn tls_files(&self) -> TlsFiles {
+        TlsFiles {
+            ca_file: self.ca_file.clone(),
+            client_cert_file: self.client_cert_file.clone(),
+            client_key_file: self.client_key_file.clone(),
+        }
     }
 }
 
 impl UpstreamTarget {
     pub fn parse(url: &str) -> Result<Self, String> {
         let uri: Uri = url.parse().map_err(|err| format!("{err}"))?;
-        if uri.scheme() != Some(&Scheme::HTTP) {
-            return Err("must be an http:// URL (the backend sits beside lfguard)".into());
-        }
+        let tls = match uri.scheme() {
+            Some(scheme) if *scheme == Scheme::HTTP => false,
+            Some(scheme) if *scheme == Scheme::HTTPS => true,
+            _ => return Err("must be an http:// or https:// URL".into()),
+        };
         let authority = uri.authority().cloned().ok_or("has no host")?;
         if uri.query().is_some() {
             return Err("must not have a query".into());
@@ -96,17 +165,26 @@ impl UpstreamTarget {
         Ok(UpstreamTarget {
             authority,
             base_path,
+            tls,
         })
     }
 
-    /// Host and port to connect to: the host without the brackets of an IPv6 literal.
-    fn socket_host(&self) -> (&str, u16) {
+    /// The host without the brackets of an IPv6 literal: what to connect to, and the name an
+    /// https backend's certificate must carry unless `upstream.server_name` says otherwise.
+    fn host(&self) -> &str {
         let host = self.authority.host();
-        let host = host
-            .strip_prefix('[')
+        host.strip_prefix('[')
             .and_then(|inner| inner.strip_suffix(']'))
-            .unwrap_or(host);
-        (host, self.authority.port_u16().unwrap_or(80))
+            .unwrap_or(host)
+    }
+
+    /// Host and port to connect to.
+    fn socket_host(&self) -> (&str, u16) {
+        let default_port = if self.tls { 443 } else { 80 };
+        (
+            self.host(),
+            self.authority.port_u16().unwrap_or(default_port),
+        )
     }
 
     /// The origin-form request target on the backend: the base path, then the request's own
@@ -241,6 +319,8 @@ pub enum UpstreamError {
     Connect { authority: String, reason: String },
     #[error("connection to {authority} timed out after {}", Short(*after))]
     ConnectTimeout { authority: String, after: Duration },
+    #[error("TLS handshake with {authority} failed: {reason}")]
+    Handshake { authority: String, reason: String },
     #[error("{0}")]
     Exchange(String),
 }
@@ -252,6 +332,10 @@ struct IdleConnection {
 
 pub struct Upstream {
     target: UpstreamTarget,
+    /// For an https target.
+    tls: Option<UpstreamTls>,
+    /// Where handshake failures and certificate expiries are counted (`with_metrics`).
+    metrics: Option<Arc<Metrics>>,
     connect_timeout: Duration,
     max_idle: usize,
     idle_timeout: Duration,
@@ -260,9 +344,20 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// The pool for `[upstream]`; for an https URL its certificate files are read here.
     pub fn new(config: &UpstreamConfig) -> Result<Self, String> {
+        let target = UpstreamTarget::parse(&config.url)?;
+        let tls = match target.tls {
+            true => {
+                let name = config.server_name.as_deref().unwrap_or(target.host());
+                Some(UpstreamTls::load(name, config.tls_files()).map_err(|p| p.join("; "))?)
+            }
+            false => None,
+        };
         Ok(Upstream {
-            target: UpstreamTarget::parse(&config.url)?,
+            target,
+            tls,
+            metrics: None,
             connect_timeout: config.connect_timeout,
             max_idle: config.pool_max_idle_per_host,
             idle_timeout: config.pool_idle_timeout,
@@ -270,8 +365,46 @@ impl Upstream {
         })
     }
 
+    /// Counts TLS handshake failures and shows certificate expiries in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        if let Some(tls) = &self.tls {
+            metrics.tls_reloads_start(tls::ROLE);
+            if let Some(not_after) = tls.client_not_after() {
+                metrics.tls_certificate_expiry(tls::CLIENT_ROLE, not_after);
+            }
+        }
+        self.metrics = Some(metrics);
+        self
+    }
+
     pub fn target(&self) -> &UpstreamTarget {
         &self.target
+    }
+
+    /// Re-reads the certificate files of an https upstream (a reload): new connections use the
+    /// new ones; ones that do not load keep those in use, logged and counted once.
+    pub fn reload_tls(&self, trigger: &'static str, explicit: bool) {
+        let Some(tls) = &self.tls else { return };
+        let reloaded = tls.reload(explicit);
+        if let Some(metrics) = &self.metrics
+            && let Ok(Some(_)) | Err(_) = &reloaded
+        {
+            metrics.tls_certificate_reload(tls::ROLE, reloaded.is_ok());
+        }
+        match reloaded {
+            Ok(None) => {}
+            Ok(Some(client_not_after)) => {
+                if let (Some(metrics), Some(not_after)) = (&self.metrics, client_not_after) {
+                    metrics.tls_certificate_expiry(tls::CLIENT_ROLE, not_after);
+                }
+                tracing::info!(trigger, "upstream certificate files reloaded");
+            }
+            Err(problems) => tracing::error!(
+                trigger,
+                problems = %problems.join("; "),
+                "upstream certificate reload failed; keeping the files in use"
+            ),
+        }
     }
 
     /// Sends a request whose URI is already in origin form.
@@ -390,16 +523,42 @@ impl Upstream {
             stream,
             written: written.clone(),
         };
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|err| exchange_error(&err))?;
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(error = %err, "upstream connection ended");
+        let sender = match &self.tls {
+            None => handshake(stream).await?,
+            // TLS runs over the watched socket, so that "not one byte written" and the check
+            // for a closed connection still see the bytes on the wire.
+            Some(tls) => {
+                let connecting = tokio::time::timeout(self.connect_timeout, tls.connect(stream));
+                let (stream, not_after) = match connecting.await {
+                    Err(_elapsed) => {
+                        self.count_failure("timeout");
+                        return Err(UpstreamError::ConnectTimeout {
+                            authority: authority.to_string(),
+                            after: self.connect_timeout,
+                        });
+                    }
+                    Ok(Err(failure)) => {
+                        self.count_failure(failure.reason);
+                        return Err(UpstreamError::Handshake {
+                            authority: authority.to_string(),
+                            reason: failure.message,
+                        });
+                    }
+                    Ok(Ok(connected)) => connected,
+                };
+                if let (Some(metrics), Some(not_after)) = (&self.metrics, not_after) {
+                    metrics.tls_certificate_expiry(tls::ROLE, not_after);
+                }
+                handshake(stream).await?
             }
-        });
+        };
         Ok(Connection { sender, written })
+    }
+
+    fn count_failure(&self, reason: &'static str) {
+        if let Some(metrics) = &self.metrics {
+            metrics.tls_handshake_failure(tls::ROLE, reason);
+        }
     }
 
     fn response(
@@ -412,6 +571,23 @@ impl Upstream {
             reuse: Some((self.clone(), connection)),
         })
     }
+}
+
+/// HTTP/1.1 on a connected backend socket; its connection task runs until it closes.
+async fn handshake<S>(stream: S) -> Result<SendRequest<Full<Bytes>>, UpstreamError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|err| exchange_error(&err))?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(error = %err, "upstream connection ended");
+        }
+    });
+    Ok(sender)
 }
 
 fn copy_of(request: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
@@ -447,7 +623,8 @@ mod tests {
         let root = UpstreamTarget::parse("http://127.0.0.1:8081").unwrap();
         assert_eq!(root.uri_for(Some(&pq)).to_string(), "/cb?x=1");
         assert_eq!(root.uri_for(None).to_string(), "/");
-        assert!(UpstreamTarget::parse("https://example.com").is_err());
+        assert!(UpstreamTarget::parse("https://example.com").unwrap().tls);
+        assert!(UpstreamTarget::parse("ftp://example.com").is_err());
         assert!(UpstreamTarget::parse("127.0.0.1:80").is_err());
         assert!(UpstreamTarget::parse("http://127.0.0.1:80/?q=1").is_err());
         let socket = |url: &str| {
@@ -458,6 +635,7 @@ mod tests {
         assert_eq!(socket("http://[::1]:8081"), ("::1".to_string(), 8081));
         assert_eq!(socket("http://backend"), ("backend".to_string(), 80));
         assert_eq!(socket("http://127.0.0.1:9"), ("127.0.0.1".to_string(), 9));
+        assert_eq!(socket("https://backend"), ("backend".to_string(), 443));
     }
 
     #[tokio::test]
