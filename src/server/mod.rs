@@ -267,12 +267,18 @@ async fn serve_proxy(
                     connection.serve(stream, &builder, handler).await;
                 }
                 // The handshake holds the connection's slot; the scanner reads the decrypted
-                // bytes, as hyper does.
+                // bytes, as hyper does. Boxed: the TLS state would make every connection's task
+                // several kilobytes larger, which tokio copies when it spawns it.
                 Some(tls) => {
-                    if let Some(Some(stream)) = connection.opening(tls.accept(stream, peer)).await {
-                        let stream = Watched::new(stream, watch, max_header_bytes);
-                        connection.serve(stream, &builder, handler).await;
-                    }
+                    Box::pin(async move {
+                        if let Some(Some(stream)) =
+                            connection.opening(tls.accept(stream, peer)).await
+                        {
+                            let stream = Watched::new(stream, watch, max_header_bytes);
+                            connection.serve(stream, &builder, handler).await;
+                        }
+                    })
+                    .await
                 }
             }
             drop(live);

@@ -526,33 +526,41 @@ impl Upstream {
         let sender = match &self.tls {
             None => handshake(stream).await?,
             // TLS runs over the watched socket, so that "not one byte written" and the check
-            // for a closed connection still see the bytes on the wire.
-            Some(tls) => {
-                let connecting = tokio::time::timeout(self.connect_timeout, tls.connect(stream));
-                let (stream, not_after) = match connecting.await {
-                    Err(_elapsed) => {
-                        self.count_failure("timeout");
-                        return Err(UpstreamError::ConnectTimeout {
-                            authority: authority.to_string(),
-                            after: self.connect_timeout,
-                        });
-                    }
-                    Ok(Err(failure)) => {
-                        self.count_failure(failure.reason);
-                        return Err(UpstreamError::Handshake {
-                            authority: authority.to_string(),
-                            reason: failure.message,
-                        });
-                    }
-                    Ok(Ok(connected)) => connected,
-                };
-                if let (Some(metrics), Some(not_after)) = (&self.metrics, not_after) {
-                    metrics.tls_certificate_expiry(tls::ROLE, not_after);
-                }
-                handshake(stream).await?
-            }
+            // for a closed connection still see the bytes on the wire. Boxed: inline, the TLS
+            // handshake's state would enlarge every request's future, which is moved as a whole.
+            Some(tls) => Box::pin(self.connect_tls(tls, stream, authority)).await?,
         };
         Ok(Connection { sender, written })
+    }
+
+    async fn connect_tls(
+        &self,
+        tls: &UpstreamTls,
+        stream: WatchedStream,
+        authority: &Authority,
+    ) -> Result<SendRequest<Full<Bytes>>, UpstreamError> {
+        let connecting = tokio::time::timeout(self.connect_timeout, tls.connect(stream));
+        let (stream, not_after) = match connecting.await {
+            Err(_elapsed) => {
+                self.count_failure("timeout");
+                return Err(UpstreamError::ConnectTimeout {
+                    authority: authority.to_string(),
+                    after: self.connect_timeout,
+                });
+            }
+            Ok(Err(failure)) => {
+                self.count_failure(failure.reason);
+                return Err(UpstreamError::Handshake {
+                    authority: authority.to_string(),
+                    reason: failure.message,
+                });
+            }
+            Ok(Ok(connected)) => connected,
+        };
+        if let (Some(metrics), Some(not_after)) = (&self.metrics, not_after) {
+            metrics.tls_certificate_expiry(tls::ROLE, not_after);
+        }
+        handshake(stream).await
     }
 
     fn count_failure(&self, reason: &'static str) {
