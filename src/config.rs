@@ -18,6 +18,7 @@ pub use crate::server::config::ServerConfig;
 pub use crate::state::replay::{OnDuplicate, ReplayConfig, StoreKind};
 use crate::state::secrets;
 pub use crate::state::secrets::PartnerConfig;
+pub use crate::state::spool::{DeliveryConfig, DeliveryMode, SpoolStoreKind};
 pub use crate::telemetry::logging::{LogConfig, LogFormat};
 pub use crate::verify::config::{VerifyConfig, VerifyMode};
 use crate::verify::duration::Short;
@@ -35,6 +36,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub verify: VerifyConfig,
     pub replay: ReplayConfig,
+    pub delivery: DeliveryConfig,
     pub log: LogConfig,
     pub routes: Vec<RouteConfig>,
     /// Member schemas by name, chosen per route with `schema = "NAME"`.
@@ -54,6 +56,7 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             verify: VerifyConfig::default(),
             replay: ReplayConfig::default(),
+            delivery: DeliveryConfig::default(),
             log: LogConfig::default(),
             routes: Vec::new(),
             schemas: BTreeMap::new(),
@@ -191,6 +194,28 @@ impl Config {
             ));
         }
         problems.extend(self.replay.problems());
+        problems.extend(self.delivery.problems());
+        if self.delivery.spool_dir.is_none() && self.delivery.mode != DeliveryMode::Spool {
+            let spooling = self
+                .routes
+                .iter()
+                .enumerate()
+                .filter(|(_, route)| route.delivery == Some(DeliveryMode::Spool))
+                .map(|(i, _)| format!("routes[{i}]"))
+                .chain(
+                    self.partners
+                        .iter()
+                        .filter(|(_, partner)| partner.delivery == Some(DeliveryMode::Spool))
+                        .map(|(code, _)| format!("partners.{code}")),
+                )
+                .collect::<Vec<_>>();
+            if !spooling.is_empty() {
+                problems.push(format!(
+                    "delivery.spool_dir: required when callbacks are spooled ({} set delivery = \"spool\")",
+                    spooling.join(", ")
+                ));
+            }
+        }
         problems.extend(self.log.problems());
         problems.extend(crate::proxy::routes::problems(&self.routes, &self.schemas));
         for (name, schema) in &self.schemas {

@@ -605,6 +605,12 @@ fn command_line_examples_run() {
 }
 
 #[test]
+fn delivery_examples_run() {
+    let ran = Session::new().run_page("docs/delivery.md", |_| true);
+    assert!(ran >= 7, "{ran} blocks");
+}
+
+#[test]
 fn operations_examples_run() {
     let ran = Session::new().run_page("docs/operations.md", |_| true);
     assert!(ran >= 1, "{ran} blocks");
@@ -764,6 +770,7 @@ fn every_key() -> BTreeSet<String> {
         ("upstream", fields_of::<UpstreamConfig>()),
         ("verify", fields_of::<VerifyConfig>()),
         ("replay", fields_of::<ReplayConfig>()),
+        ("delivery", fields_of::<DeliveryConfig>()),
         ("log", fields_of::<LogConfig>()),
         ("routes[]", fields_of::<RouteConfig>()),
         ("schemas.NAME", fields_of::<lfguard::schema::Schema>()),
@@ -955,6 +962,8 @@ fn every_error_code_is_in_the_error_table() {
         Rejection::UnsupportedMediaType,
         Rejection::UpstreamUnavailable(String::new()),
         Rejection::ReplayStoreUnavailable(String::new()),
+        Rejection::SpoolUnavailable(String::new()),
+        Rejection::SpoolFull,
         Rejection::Overloaded,
         Rejection::ShuttingDown,
         Rejection::UpstreamTimeout,
@@ -982,6 +991,8 @@ fn every_error_code_is_in_the_error_table() {
             | Rejection::UnsupportedMediaType
             | Rejection::UpstreamUnavailable(_)
             | Rejection::ReplayStoreUnavailable(_)
+            | Rejection::SpoolUnavailable(_)
+            | Rejection::SpoolFull
             | Rejection::Overloaded
             | Rejection::ShuttingDown
             | Rejection::UpstreamTimeout => {}

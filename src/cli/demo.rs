@@ -236,6 +236,7 @@ fn demo_config(backend: SocketAddr, secret: &str) -> Result<Config, String> {
         schema: Some(SCHEMA.into()),
         require_timestamp: None,
         accept_form: None,
+        delivery: None,
     }];
     config.validate().map_err(|err| err.to_string())
 }

@@ -16,11 +16,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::Config;
 use crate::proxy::framing::Watched;
 use crate::proxy::limits::BodyBudget;
+use crate::proxy::worker::Worker;
 use crate::proxy::{Peer, Proxy, Settings};
 use crate::server::admin::Admin;
 use crate::server::connections::Connections;
 use crate::server::shared::Shared;
 use crate::state::replay::AnyStore;
+use crate::state::spool::Spool;
 use crate::telemetry::metrics::Metrics;
 use crate::verify::duration::Short;
 
@@ -79,6 +81,13 @@ async fn start(
     let shared = Arc::new(Shared {
         secrets: Arc::new(ArcSwap::from_pointee(secrets)),
         replay: AnyStore::from_config(&config.replay).map_err(|err| err.0)?,
+        // Opened whenever a directory is configured, so that a reload may turn spooling on for
+        // a partner; a spool that cannot be opened yet is tried again when it is needed.
+        spool: config
+            .delivery
+            .spool_dir
+            .is_some()
+            .then(|| Arc::new(Spool::new(&config.delivery))),
         budget: Arc::new(BodyBudget::new(config.server.max_buffered_bytes)),
         proxy_connections: Connections::new(
             "proxy",
@@ -117,14 +126,26 @@ async fn start(
         proxy_settings(&config),
         shared.secrets.clone(),
         shared.replay.clone(),
+        shared.spool.clone(),
         shared.metrics.clone(),
         shared.budget.clone(),
         shared.draining.clone(),
     ));
+    // Delivers spooled callbacks; on shutdown, those in progress get `server.shutdown_grace`.
+    let worker = shared.spool.clone().map(|spool| {
+        let worker = Arc::new(Worker::new(
+            spool,
+            proxy.upstream().clone(),
+            config.upstream.timeout,
+            shared.metrics.clone(),
+        ));
+        tokio::spawn(worker.run(stop_rx.clone(), config.server.shutdown_grace))
+    });
     let idle_closer = tokio::spawn(proxy.upstream().clone().close_idle_connections());
     tracing::info!(
         partners = shared.secrets.load().partner_count(),
         replay_store = shared.replay.kind(),
+        spool = shared.spool.as_ref().map_or("none", |spool| spool.kind()),
         upstream = %config.upstream.url,
         "ready"
     );
@@ -140,6 +161,9 @@ async fn start(
         stop_rx,
     )
     .await;
+    if let Some(worker) = worker {
+        let _ = worker.await;
+    }
     signals.abort();
     idle_closer.abort();
     reloader.abort();
@@ -153,6 +177,7 @@ fn proxy_settings(config: &Config) -> Settings {
     Settings {
         verify: config.verify.clone(),
         replay: config.replay.clone(),
+        delivery: config.delivery.clone(),
         upstream: config.upstream.clone(),
         routes: config.routes.clone(),
         schemas: config.schemas.clone(),

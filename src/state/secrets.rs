@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::state::spool::DeliveryMode;
 use crate::verify::config::VerifyMode;
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -16,6 +17,8 @@ pub struct PartnerConfig {
     pub mode: Option<VerifyMode>,
     /// Overrides `verify.require_timestamp` for this partner's callbacks (a route's setting wins).
     pub require_timestamp: Option<bool>,
+    /// Overrides `delivery.mode` for this partner's callbacks (a route's setting wins).
+    pub delivery: Option<DeliveryMode>,
     /// Inline secrets: for development only (a warning is logged at start).
     pub secrets: Vec<String>,
     pub secret_files: Vec<PathBuf>,
@@ -73,6 +76,7 @@ pub struct SecretStore {
     default_mode: VerifyMode,
     modes: HashMap<String, VerifyMode>,
     require_timestamp: HashMap<String, bool>,
+    delivery: HashMap<String, DeliveryMode>,
 }
 
 /// A partner code as Linksfield issues them (`P002671`); also a safe file name.
@@ -145,11 +149,16 @@ impl SecretStore {
                 .iter()
                 .filter_map(|(code, partner)| Some((code.clone(), partner.require_timestamp?)))
                 .collect();
+            let delivery = partners_config
+                .iter()
+                .filter_map(|(code, partner)| Some((code.clone(), partner.delivery?)))
+                .collect();
             Ok(SecretStore {
                 partners,
                 default_mode,
                 modes,
                 require_timestamp,
+                delivery,
             })
         } else {
             Err(problems)
@@ -172,6 +181,11 @@ impl SecretStore {
     /// The partner's `require_timestamp` override, if it has one.
     pub fn require_timestamp_for(&self, partner: &str) -> Option<bool> {
         self.require_timestamp.get(partner).copied()
+    }
+
+    /// The partner's `delivery` override, if it has one.
+    pub fn delivery_for(&self, partner: &str) -> Option<DeliveryMode> {
+        self.delivery.get(partner).copied()
     }
 
     pub fn contains(&self, partner: &str) -> bool {
@@ -323,6 +337,7 @@ mod tests {
             secret_env: vec!["LFGUARD_TEST_SURELY_UNSET_VAR".into()],
             mode: None,
             require_timestamp: None,
+            delivery: None,
         });
         let problems = load(&config).unwrap_err();
         assert_eq!(problems.len(), 4, "{problems:?}");

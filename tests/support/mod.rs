@@ -98,6 +98,8 @@ struct BackendState {
     /// Replies used in order; the default reply once they run out.
     script: Mutex<VecDeque<Reply>>,
     default_reply: Mutex<Reply>,
+    /// Bodies containing the text get the status, whatever else is scripted (a poisoned callback).
+    refused: Mutex<Vec<(String, u16)>>,
 }
 
 /// A real HTTP backend that records every request it receives.
@@ -162,6 +164,20 @@ impl Backend {
         *self.state.default_reply.lock().unwrap() = reply;
     }
 
+    /// Answers `status` to every request whose body contains `text`.
+    pub fn refuse_bodies_with(&self, text: &str, status: u16) {
+        self.state
+            .refused
+            .lock()
+            .unwrap()
+            .push((text.to_string(), status));
+    }
+
+    /// Forgets every `refuse_bodies_with`.
+    pub fn stop_refusing(&self) {
+        self.state.refused.lock().unwrap().clear();
+    }
+
     pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
         self.state.script.lock().unwrap().extend(replies);
     }
@@ -208,10 +224,20 @@ async fn record(
 ) -> Result<hyper::Response<Full<Bytes>>, hyper::Error> {
     let (parts, body) = request.into_parts();
     let body = body.collect().await?.to_bytes();
-    let reply = {
+    let refused = state
+        .refused
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(text, _)| contains_bytes(&body, text.as_bytes()))
+        .map(|&(_, status)| Reply {
+            status,
+            ..Reply::default()
+        });
+    let reply = refused.unwrap_or_else(|| {
         let scripted = state.script.lock().unwrap().pop_front();
         scripted.unwrap_or_else(|| state.default_reply.lock().unwrap().clone())
-    };
+    });
     {
         let mut recorded = state.recorded.lock().unwrap();
         recorded.push(Recorded {
@@ -240,6 +266,12 @@ async fn record(
         .headers_mut()
         .insert("x-backend", "recorded".parse().unwrap());
     Ok(response)
+}
+
+fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
 }
 
 // ---------------------------------------------------------------- lfguard
