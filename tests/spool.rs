@@ -442,3 +442,153 @@ fn a_poisoned_callback_ends_in_the_dead_letters_without_holding_up_the_others() 
     );
     assert_eq!(received[9].header("x-lfguard-attempt"), Some("1"));
 }
+
+#[test]
+fn after_a_sigkill_mid_delivery_every_accepted_callback_is_delivered_after_the_restart() {
+    let spool_dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start();
+    // The first delivery hangs: lfguard is killed while the backend holds it.
+    backend.script([Reply {
+        delay: Duration::from_secs(30),
+        ..Reply::default()
+    }]);
+    let config = spool_config(&backend.url(), spool_dir.path(), "");
+    let mut lfguard = Lfguard::start_with(config.clone(), &[]);
+    let mut accepted = Vec::new();
+    for n in 0..5 {
+        let callback = callback(PARTNER, n);
+        accepted.push((assert_spooled(&lfguard.post(&callback)), callback));
+    }
+    let cut = backend.wait_for(1)[0].clone();
+    assert_eq!(
+        cut.header("x-lfguard-spool-id"),
+        Some(accepted[0].0.as_str())
+    );
+    lfguard.signal("KILL");
+    lfguard.wait_exit();
+
+    let restarted = Lfguard::start_with(config, &[]);
+    backend.wait_for(1 + accepted.len());
+    wait_for_spool(&restarted, |summary| summary["pending"] == 0);
+    let received = backend.requests();
+    for (id, callback) in &accepted {
+        let copies: Vec<&Recorded> = received
+            .iter()
+            .filter(|r| r.header("x-lfguard-spool-id") == Some(id.as_str()))
+            .collect();
+        assert!(!copies.is_empty(), "{id} was never delivered");
+        assert!(copies.iter().all(|copy| copy.body == callback.body));
+    }
+    // The cut one again, with its spool id, then the others in order.
+    assert_eq!(
+        received[1].header("x-lfguard-spool-id"),
+        Some(accepted[0].0.as_str())
+    );
+    let order: Vec<usize> = received[1..].iter().map(number).collect();
+    assert_eq!(order, [0, 1, 2, 3, 4]);
+}
+
+#[test]
+fn on_sigterm_the_delivery_in_progress_finishes_and_the_rest_stay_spooled() {
+    let spool_dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start();
+    backend.script([Reply {
+        delay: Duration::from_millis(1500),
+        ..Reply::default()
+    }]);
+    let config = spool_config(
+        &backend.url(),
+        spool_dir.path(),
+        "[server]\ndrain_delay = \"0s\"\nshutdown_grace = \"10s\"",
+    );
+    let mut lfguard = Lfguard::start_with(config.clone(), &[]);
+    for n in 0..3 {
+        assert_spooled(&lfguard.post(&callback(PARTNER, n)));
+    }
+    backend.wait_for(1);
+    lfguard.signal("TERM");
+    assert_eq!(lfguard.wait_exit(), Some(0));
+    assert_eq!(backend.count(), 1, "no delivery starts after SIGTERM");
+    lfguard.wait_for_log(|event| event["message"] == "waiting for deliveries in progress");
+    let (code, stats, err) = spool_cli(&lfguard, &["stats"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        stats.contains("waiting: 2"),
+        "the finished one left the spool:\n{stats}"
+    );
+
+    let _restarted = Lfguard::start_with(config, &[]);
+    let received = backend.wait_for(3);
+    assert_eq!(received.iter().map(number).collect::<Vec<_>>(), [0, 1, 2]);
+}
+
+#[test]
+fn the_spool_commands_show_retry_and_drop_callbacks() {
+    let spool_dir = tempfile::tempdir().unwrap();
+    let address = dead_address();
+    let lfguard = Lfguard::start_with(
+        spool_config(&format!("http://{address}"), spool_dir.path(), ""),
+        &[],
+    );
+    let kept = assert_spooled(&lfguard.post(&callback(PARTNER, 0)));
+    let dropped = assert_spooled(&lfguard.post(&callback(OTHER_PARTNER, 0)));
+    let (code, stats, err) = spool_cli(&lfguard, &["stats"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stats.contains("waiting: 2"), "{stats}");
+    assert!(
+        stats.contains(&format!("partner {OTHER_PARTNER}: 1 waiting, 0 dead")),
+        "{stats}"
+    );
+    let (code, shown, _) = spool_cli(&lfguard, &["show", &kept]);
+    assert_eq!(code, 0);
+    assert!(shown.contains("state: waiting"), "{shown}");
+    assert!(
+        shown.contains("POST /callback/sms?source=lf HTTP/1.1"),
+        "{shown}"
+    );
+    assert!(shown.contains("x-lfguard-verified: true"), "{shown}");
+    assert!(!shown.contains(SECRET), "{shown}");
+
+    let (code, out, _) = spool_cli(&lfguard, &["drop", &dropped]);
+    assert_eq!(
+        (code, out.trim().to_string()),
+        (0, format!("dropped {dropped}"))
+    );
+    let (code, _, err) = spool_cli(&lfguard, &["drop", &dropped]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no callback"), "{err}");
+    let (code, _, _) = spool_cli(&lfguard, &["show", "no-such-id"]);
+    assert_eq!(code, 1);
+    let (code, _, _) = spool_cli(&lfguard, &["retry", "no-such-id"]);
+    assert_eq!(code, 1);
+
+    // The backend back: `retry` skips the backoff rather than waiting for it.
+    let backend = Backend::start_on(address);
+    let (code, out, _) = spool_cli(&lfguard, &["retry"]);
+    assert_eq!((code, out.trim()), (0, "1 callback due now"));
+    let received = backend.wait_for(1);
+    assert_eq!(
+        received[0].header("x-lfguard-spool-id"),
+        Some(kept.as_str())
+    );
+    wait_for_spool(&lfguard, |summary| summary["pending"] == 0);
+    assert_eq!(
+        backend.count(),
+        1,
+        "the dropped callback was never delivered"
+    );
+
+    // Without a spool configured, or where lfguard never made one.
+    let (code, _, err) = run_cli(
+        &[
+            "spool",
+            "stats",
+            "--config",
+            lfguard.config_path.to_str().unwrap(),
+        ],
+        None,
+        &[("LFGUARD_DELIVERY__SPOOL_DIR", "/nonexistent/spool")],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("does not exist"), "{err}");
+}

@@ -617,4 +617,147 @@ mod tests {
         }
         assert_eq!(spool.stats().await.unwrap().pending, 200);
     }
+
+    /// One step of a random history: what lfguard, the worker, an operator or a crash does.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Accept(usize),
+        /// The head of a partner (index into the heads) delivered.
+        Deliver(usize),
+        /// The head of a partner failed: retried later, or dead-lettered.
+        Fail(usize, bool),
+        RetryDead,
+        DropOldest,
+        /// The process goes away and the spool is opened again.
+        Crash,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0..3usize).prop_map(Step::Accept),
+            3 => (0..3usize).prop_map(Step::Deliver),
+            2 => ((0..3usize), any::<bool>()).prop_map(|(i, dead)| Step::Fail(i, dead)),
+            1 => Just(Step::RetryDead),
+            1 => Just(Step::DropOldest),
+            1 => Just(Step::Crash),
+        ]
+    }
+
+    /// The model: every callback held, in arrival order, with its partner, its number and
+    /// whether it is dead.
+    #[derive(Debug, Default)]
+    struct Model {
+        held: Vec<(String, usize, bool)>,
+    }
+
+    impl Model {
+        /// Each partner's oldest waiting callback, by partner.
+        fn heads(&self) -> Vec<(String, usize)> {
+            let mut heads: Vec<(String, usize)> = Vec::new();
+            for (partner, n, dead) in &self.held {
+                if !dead && !heads.iter().any(|(p, _)| p == partner) {
+                    heads.push((partner.clone(), *n));
+                }
+            }
+            heads.sort();
+            heads
+        }
+    }
+
+    fn number(spooled: &Spooled) -> usize {
+        spooled.callback.target["/callback?n=".len()..]
+            .parse()
+            .unwrap()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// Whatever happens in whatever order, the store holds what the model holds, gives each
+        /// partner's oldest waiting callback as its head, and loses nothing across a reopen.
+        #[test]
+        fn the_store_agrees_with_a_model(steps in proptest::collection::vec(step(), 1..40)) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let mut spool = SqliteSpool::open(dir.path(), 1 << 30).unwrap();
+            let mut model = Model::default();
+            let mut next = 0;
+            for step in steps {
+                let heads = runtime.block_on(spool.heads()).unwrap();
+                let mut sorted: Vec<&Spooled> = heads.iter().collect();
+                sorted.sort_by_key(|h| h.callback.partner.clone());
+                match step {
+                    Step::Accept(partner) => {
+                        let partner = format!("P{partner}");
+                        runtime.block_on(spool.accept(callback(&partner, next), 1)).unwrap();
+                        model.held.push((partner, next, false));
+                        next += 1;
+                    }
+                    Step::Deliver(i) | Step::Fail(i, _) if i >= sorted.len() => {}
+                    Step::Deliver(i) => {
+                        let head = sorted[i];
+                        runtime.block_on(spool.record(head.seq, Outcome::Delivered, 2)).unwrap();
+                        let n = number(head);
+                        model.held.retain(|(_, held, _)| *held != n);
+                    }
+                    Step::Fail(i, dead) => {
+                        let head = sorted[i];
+                        let outcome = if dead {
+                            Outcome::Dead { error: "no".into() }
+                        } else {
+                            Outcome::Retry { at_ms: 5, error: "later".into() }
+                        };
+                        runtime.block_on(spool.record(head.seq, outcome, 2)).unwrap();
+                        let n = number(head);
+                        for held in &mut model.held {
+                            if held.1 == n {
+                                held.2 = dead;
+                            }
+                        }
+                    }
+                    Step::RetryDead => {
+                        let dead = model.held.iter().filter(|h| h.2).count() as u64;
+                        proptest::prop_assert_eq!(
+                            runtime.block_on(spool.retry(RetrySet::Dead, 3)).unwrap(),
+                            dead
+                        );
+                        for held in &mut model.held {
+                            held.2 = false;
+                        }
+                    }
+                    Step::DropOldest => {
+                        let listed = runtime.block_on(spool.list(1)).unwrap();
+                        if let Some(oldest) = listed.first() {
+                            proptest::prop_assert!(runtime.block_on(spool.drop_one(&oldest.id)).unwrap());
+                            model.held.remove(0);
+                        }
+                    }
+                    Step::Crash => {
+                        drop(spool);
+                        spool = SqliteSpool::open(dir.path(), 1 << 30).unwrap();
+                    }
+                }
+                let heads = runtime.block_on(spool.heads()).unwrap();
+                let mut found: Vec<(String, usize)> = heads
+                    .iter()
+                    .map(|h| (h.callback.partner.clone(), number(h)))
+                    .collect();
+                found.sort();
+                proptest::prop_assert_eq!(&found, &model.heads());
+                let listed: Vec<(String, usize, bool)> = runtime
+                    .block_on(spool.list(1000))
+                    .unwrap()
+                    .iter()
+                    .map(|h| (h.callback.partner.clone(), number(h), h.dead_ms.is_some()))
+                    .collect();
+                proptest::prop_assert_eq!(&listed, &model.held);
+                let stats = runtime.block_on(spool.stats()).unwrap();
+                let size = callback("P0", 0).size();
+                proptest::prop_assert_eq!(stats.pending + stats.dead, model.held.len() as u64);
+                // Bodies differ in length by their number's digits only.
+                proptest::prop_assert!(stats.bytes >= size * model.held.len() as u64);
+            }
+        }
+    }
 }
