@@ -44,6 +44,7 @@ const LAYERS: &[(&str, Layer)] = &[
     ("state::replay::redis", State),
     ("state::secrets", State),
     ("state::spool", State),
+    ("state::spool::redis", State),
     ("state::spool::sqlite", State),
     ("telemetry", Telemetry),
     ("telemetry::logging", Telemetry),

@@ -124,6 +124,7 @@ fn redis_overlay_environment_passes_check_config() {
         "name: LFGUARD_REPLAY__STORE",
         "value: redis",
         "name: LFGUARD_REPLAY__REDIS_URL",
+        "name: LFGUARD_DELIVERY__STORE",
     ] {
         assert!(patch.contains(expected), "{REDIS_PATCH} lacks `{expected}`");
     }
@@ -136,9 +137,12 @@ fn redis_overlay_environment_passes_check_config() {
     let (output, _partners) = check_config(&[
         ("LFGUARD_REPLAY__STORE", "redis"),
         ("LFGUARD_REPLAY__REDIS_URL", &url),
+        ("LFGUARD_DELIVERY__STORE", "redis"),
+        ("LFGUARD_DELIVERY__MODE", "spool"),
     ]);
     let config = effective(&output);
     assert_eq!(get_str(&config, "replay.store"), "redis");
+    assert_eq!(get_str(&config, "delivery.store"), "redis");
     assert_eq!(get_str(&config, "replay.redis_url"), url);
 }
 

@@ -592,3 +592,156 @@ fn the_spool_commands_show_retry_and_drop_callbacks() {
     assert_eq!(code, 2);
     assert!(err.contains("does not exist"), "{err}");
 }
+
+/// The Redis spool's settings: the replay store and the spool in `redis`.
+fn redis_spool_config(upstream: &str, redis: &Redis) -> toml::Table {
+    let unused = tempfile::tempdir().unwrap();
+    let mut config = spool_config(upstream, unused.path(), "");
+    let delivery = config["delivery"].as_table_mut().unwrap();
+    delivery.remove("spool_dir");
+    delivery.insert("store".into(), "redis".into());
+    merge(
+        &mut config,
+        &format!(
+            "[replay]\nstore = \"redis\"\nredis_url = \"{}\"",
+            redis.url()
+        ),
+    );
+    config
+}
+
+/// The consumer name a replica logged when it opened the Redis spool.
+fn consumer_of(lfguard: &Lfguard) -> String {
+    let event = lfguard.wait_for_log(|event| event["message"] == "spool open");
+    let store = event["store"].as_str().unwrap().to_string();
+    store
+        .split("consumer ")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(')')
+        .to_string()
+}
+
+fn redis_get(redis: &Redis, key: &str) -> String {
+    let output = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "GET", key])
+        .output()
+        .expect("redis-cli is installed with redis-server");
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+#[test]
+fn with_the_redis_store_a_replica_takes_over_when_the_other_dies_mid_delivery() {
+    let redis = Redis::start();
+    let backend = Backend::start();
+    backend.script([Reply {
+        delay: Duration::from_secs(60),
+        ..Reply::default()
+    }]);
+    let config = redis_spool_config(&backend.url(), &redis);
+    let mut replicas = [
+        Lfguard::start_with(config.clone(), &[]),
+        Lfguard::start_with(config, &[]),
+    ];
+    let consumers = [consumer_of(&replicas[0]), consumer_of(&replicas[1])];
+    // Callbacks of one partner, taken by either replica: delivered by one, in order.
+    let mut accepted = Vec::new();
+    for n in 0..6 {
+        let callback = callback(PARTNER, n);
+        accepted.push((assert_spooled(&replicas[n % 2].post(&callback)), callback));
+    }
+    let cut = backend.wait_for(1)[0].clone();
+    assert_eq!(
+        cut.header("x-lfguard-spool-id"),
+        Some(accepted[0].0.as_str())
+    );
+    let holder = redis_get(&redis, &format!("lfguard:spool:lease:{PARTNER}"));
+    let dead = consumers
+        .iter()
+        .position(|consumer| *consumer == holder)
+        .expect("one replica holds the partner");
+    replicas[dead].signal("KILL");
+    replicas[dead].wait_exit();
+
+    // The other takes the lease once it lapses, and with it the cut delivery.
+    let survivor = &replicas[1 - dead];
+    backend.wait_for(1 + accepted.len());
+    wait_for_spool(survivor, |summary| summary["pending"] == 0);
+    let received = backend.requests();
+    for (id, callback) in &accepted {
+        let copies: Vec<&Recorded> = received
+            .iter()
+            .filter(|r| r.header("x-lfguard-spool-id") == Some(id.as_str()))
+            .collect();
+        assert!(!copies.is_empty(), "{id} was never delivered");
+        assert!(copies.iter().all(|copy| copy.body == callback.body));
+    }
+    assert_eq!(
+        received[1].header("x-lfguard-spool-id"),
+        Some(accepted[0].0.as_str())
+    );
+    let order: Vec<usize> = received[1..].iter().map(number).collect();
+    assert_eq!(order, [0, 1, 2, 3, 4, 5]);
+    assert_eq!(
+        redis_get(&redis, &format!("lfguard:spool:lease:{PARTNER}")),
+        consumers[1 - dead]
+    );
+    let (code, stats, err) = spool_cli(survivor, &["stats"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stats.contains("store: redis"), "{stats}");
+    assert!(stats.contains("waiting: 0"), "{stats}");
+}
+
+#[test]
+fn the_redis_store_keeps_dead_letters_and_fails_closed() {
+    let mut redis = Redis::start();
+    let backend = Backend::start();
+    backend.refuse_bodies_with("poison", 422);
+    let mut config = redis_spool_config(&backend.url(), &redis);
+    merge(
+        &mut config,
+        "[replay]\nstore = \"memory\"\n[delivery]\nfinal_statuses = [422]",
+    );
+    let lfguard = Lfguard::start_with(config, &[]);
+    let body = format!(
+        r#"{{"partner_code":"{PARTNER}","text_message":"poison #0","received_at":"{}"}}"#,
+        now_millis()
+    );
+    let poisoned = assert_spooled(&lfguard.post(&Callback::signed(body)));
+    assert_spooled(&lfguard.post(&callback(PARTNER, 1)));
+    let received = backend.wait_for(2);
+    assert_eq!(
+        number(&received[1]),
+        1,
+        "the dead letter did not hold up the next"
+    );
+    let summary = wait_for_spool(&lfguard, |summary| {
+        summary["dead_letters"] == 1 && summary["pending"] == 0
+    });
+    assert_eq!(summary["store"], "redis");
+    assert_eq!(summary["partners"][PARTNER]["dead"], 1, "{summary}");
+    let (code, shown, err) = spool_cli(&lfguard, &["show", &poisoned]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        shown.contains("state: dead") && shown.contains("poison #0"),
+        "{shown}"
+    );
+    backend.stop_refusing();
+    let (code, out, _) = spool_cli(&lfguard, &["retry", &poisoned]);
+    assert_eq!((code, out.trim()), (0, "1 callback due now"));
+    let received = backend.wait_for(3);
+    assert_eq!(
+        received[2].header("x-lfguard-spool-id"),
+        Some(poisoned.as_str())
+    );
+    wait_for_spool(&lfguard, |summary| {
+        summary["dead_letters"] == 0 && summary["pending"] == 0
+    });
+
+    // Redis gone: nothing is acknowledged.
+    redis.stop();
+    let refused = lfguard.post(&callback(PARTNER, 2));
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.code(), "spool_unavailable");
+    assert_eq!(backend.count(), 3);
+}

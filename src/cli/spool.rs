@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use crate::config::Config;
-use crate::state::spool::{RetrySet, SpoolStoreKind, Spooled, SqliteSpool, now_ms};
+use crate::state::spool::{RetrySet, Spooled, now_ms};
 use crate::verify::duration::Short;
 
 #[derive(Debug, Args)]
@@ -53,22 +53,20 @@ pub enum SpoolAction {
 
 /// Runs a spool command; `Ok(false)` (exit 1) when the callback named is not in the spool.
 pub async fn spool(args: &SpoolArgs, config: &Config) -> Result<bool, String> {
-    let delivery = &config.delivery;
-    let store = match delivery.store {
-        SpoolStoreKind::Sqlite => {
-            let dir = delivery
-                .spool_dir
-                .as_deref()
-                .ok_or("delivery.spool_dir is not set in this configuration: there is no spool")?;
-            SqliteSpool::open_existing(dir, delivery.max_spool_bytes)
-                .map_err(|err| err.to_string())?
-        }
-    };
+    if !config.delivery.has_spool() {
+        return Err(
+            "delivery.spool_dir is not set in this configuration: there is no spool".into(),
+        );
+    }
+    let store = config
+        .spool_place()
+        .open(false)
+        .map_err(|err| err.to_string())?;
     let now = now_ms();
     match &args.action {
         SpoolAction::Stats => {
             let stats = store.stats().await.map_err(|err| err.to_string())?;
-            let mut out = format!("store: sqlite ({})\n", store.path().display());
+            let mut out = format!("store: {}\n", store.describe());
             let _ = writeln!(out, "waiting: {}", stats.pending);
             let _ = writeln!(out, "dead letters: {}", stats.dead);
             let _ = writeln!(out, "bytes: {} of {}", stats.bytes, stats.max_bytes);

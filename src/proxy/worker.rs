@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use crate::proxy::delivery::{SPOOL_ID, exchange};
 use crate::proxy::upstream::Upstream;
 use crate::state::spool::{
-    Backend, DeliveryConfig, Next, Outcome, RetrySet, Spool, Spooled, SqliteSpool, now_ms,
+    Backend, DeliveryConfig, Next, Outcome, RetrySet, Spool, SpoolStore, Spooled, now_ms,
 };
 use crate::telemetry::metrics::Metrics;
 
@@ -129,9 +129,18 @@ impl Worker {
                 _ = stop.wait_for(|stop| *stop) => break,
             }
         }
-        if in_flight.is_empty() {
-            return;
+        if !in_flight.is_empty() {
+            self.finish(in_flight, grace).await;
         }
+        // Another replica may take over this one's partners at once (Redis).
+        if let Ok(store) = self.spool.store() {
+            store.let_go().await;
+        }
+    }
+
+    /// At shutdown: the deliveries in progress get `grace` to finish; those still running then
+    /// are dropped, and their callbacks stay spooled.
+    async fn finish(&self, mut in_flight: JoinSet<()>, grace: Duration) {
         tracing::info!(
             deliveries = in_flight.len(),
             "waiting for deliveries in progress"
@@ -151,7 +160,7 @@ impl Worker {
 
     /// The open store and each partner's oldest waiting callback; `None` (logged once per
     /// error) when the store cannot be read.
-    async fn heads(&self) -> Option<(Arc<SqliteSpool>, Vec<Spooled>)> {
+    async fn heads(&self) -> Option<(Arc<SpoolStore>, Vec<Spooled>)> {
         let heads = match self.spool.store() {
             Ok(store) => store.heads().await.map(|heads| (store, heads)),
             Err(err) => Err(err),
@@ -166,7 +175,7 @@ impl Worker {
     }
 
     /// One attempt at one callback, and its outcome recorded.
-    async fn deliver(&self, store: &SqliteSpool, spooled: Spooled) {
+    async fn deliver(&self, store: &SpoolStore, spooled: Spooled) {
         let attempt = spooled.attempts + 1;
         let result = match self.request(&spooled, attempt) {
             Ok(request) => self.send(request).await,
@@ -211,7 +220,7 @@ impl Worker {
         let ended = !matches!(outcome, Outcome::Retry { .. });
         self.metrics
             .spool_delivery(result, ended.then_some(attempt));
-        if let Err(err) = store.record(spooled.seq, outcome, now).await {
+        if let Err(err) = store.record(&spooled, outcome, now).await {
             // Not recorded: the callback is tried again, and may reach the backend twice (with
             // the same spool id).
             tracing::warn!(spool_id = %spooled.id, error = %err, "could not record a delivery attempt");
@@ -286,7 +295,7 @@ impl Worker {
     }
 
     /// Logs the backend's state when it changes. Back up: every waiting callback is due now.
-    async fn backend(&self, state: Backend, error: &str, store: &SqliteSpool) {
+    async fn backend(&self, state: Backend, error: &str, store: &SpoolStore) {
         let before = self.spool.set_backend(state);
         self.metrics.spool_backend(state == Backend::Up);
         match (before, state) {

@@ -85,9 +85,8 @@ async fn start(
         // a partner; a spool that cannot be opened yet is tried again when it is needed.
         spool: config
             .delivery
-            .spool_dir
-            .is_some()
-            .then(|| Arc::new(Spool::new(&config.delivery))),
+            .has_spool()
+            .then(|| Arc::new(Spool::new(config.spool_place()))),
         budget: Arc::new(BodyBudget::new(config.server.max_buffered_bytes)),
         proxy_connections: Connections::new(
             "proxy",

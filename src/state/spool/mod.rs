@@ -4,10 +4,11 @@
 //! `delivery.spool_dir` (SQLite, `sqlite`) and reopens it when it could not be opened. No HTTP
 //! here: the proxy writes callbacks in, and its delivery worker (`proxy::worker`) takes them out.
 
+pub mod redis;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -18,6 +19,7 @@ use tokio::sync::Notify;
 
 use crate::verify::duration::Short;
 
+pub use self::redis::RedisSpool;
 pub use self::sqlite::SqliteSpool;
 
 /// How a verified callback reaches the backend.
@@ -47,6 +49,8 @@ pub enum SpoolStoreKind {
     /// An SQLite database in `delivery.spool_dir`.
     #[default]
     Sqlite,
+    /// Redis Streams in the replay store's Redis (`replay.redis_url`), shared by replicas.
+    Redis,
 }
 
 /// The `[delivery]` section.
@@ -129,7 +133,10 @@ impl DeliveryConfig {
                 ));
             }
         }
-        if self.mode == DeliveryMode::Spool && self.spool_dir.is_none() {
+        if self.mode == DeliveryMode::Spool
+            && self.store == SpoolStoreKind::Sqlite
+            && self.spool_dir.is_none()
+        {
             problems.push(
                 "delivery.spool_dir: required when delivery.mode = \"spool\" (a directory that \
                  outlives the process, e.g. an emptyDir volume)"
@@ -137,6 +144,15 @@ impl DeliveryConfig {
             );
         }
         problems
+    }
+
+    /// Whether lfguard has a spool: an SQLite one where `spool_dir` is set, a Redis one where
+    /// `store = "redis"`.
+    pub fn has_spool(&self) -> bool {
+        match self.store {
+            SpoolStoreKind::Sqlite => self.spool_dir.is_some(),
+            SpoolStoreKind::Redis => true,
+        }
     }
 
     /// What becomes of a callback whose attempt number `attempt` (from 1) failed at `now_ms`:
@@ -215,8 +231,10 @@ const ROW_OVERHEAD: usize = 128;
 /// A spooled callback, as the store holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Spooled {
-    /// Arrival order in the store.
+    /// Arrival order in the store (SQLite).
     pub seq: i64,
+    /// Its stream entry (Redis).
+    pub entry: Option<String>,
     /// Stable across attempts and restarts: the backend may deduplicate on it.
     pub id: String,
     pub callback: NewCallback,
@@ -315,9 +333,142 @@ pub fn new_id() -> String {
 /// How often opening a store that failed to open is tried again, at most.
 const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The store `delivery.store` names, opened.
+pub enum SpoolStore {
+    Sqlite(SqliteSpool),
+    /// Boxed: its connection manager and scripts are ten times the size of an SQLite handle.
+    Redis(Box<RedisSpool>),
+}
+
+impl SpoolStore {
+    /// Where the callbacks are: the database file, or the Redis key prefix.
+    pub fn describe(&self) -> String {
+        match self {
+            SpoolStore::Sqlite(store) => format!("sqlite ({})", store.path().display()),
+            SpoolStore::Redis(store) => format!(
+                "redis (keys {}*, consumer {})",
+                store.prefix(),
+                store.consumer()
+            ),
+        }
+    }
+
+    pub async fn accept(&self, callback: NewCallback, now_ms: i64) -> Result<String, SpoolError> {
+        match self {
+            SpoolStore::Sqlite(store) => store.accept(callback, now_ms).await,
+            SpoolStore::Redis(store) => store.accept(callback, now_ms).await,
+        }
+    }
+
+    /// The oldest waiting callback of each partner this process may deliver now (with Redis,
+    /// those whose lease it holds).
+    pub async fn heads(&self) -> Result<Vec<Spooled>, SpoolError> {
+        match self {
+            SpoolStore::Sqlite(store) => store.heads().await,
+            SpoolStore::Redis(store) => store.heads().await,
+        }
+    }
+
+    pub async fn record(
+        &self,
+        spooled: &Spooled,
+        outcome: Outcome,
+        now_ms: i64,
+    ) -> Result<(), SpoolError> {
+        match self {
+            SpoolStore::Sqlite(store) => store.record(spooled.seq, outcome, now_ms).await,
+            SpoolStore::Redis(store) => store.record(spooled, outcome, now_ms).await,
+        }
+    }
+
+    pub async fn stats(&self) -> Result<Stats, SpoolError> {
+        match self {
+            SpoolStore::Sqlite(store) => store.stats().await,
+            SpoolStore::Redis(store) => store.stats().await,
+        }
+    }
+
+    pub async fn list(&self, limit: usize) -> Result<Vec<Spooled>, SpoolError> {
+        match self {
+            SpoolStore::Sqlite(store) => store.list(limit).await,
+            SpoolStore::Redis(store) => store.list(limit).await,
+        }
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<Spooled>, SpoolError> {
+        match self {
+            SpoolStore::Sqlite(store) => store.get(id).await,
+            SpoolStore::Redis(store) => store.get(id).await,
+        }
+    }
+
+    pub async fn retry(&self, set: RetrySet, now_ms: i64) -> Result<u64, SpoolError> {
+        match self {
+            SpoolStore::Sqlite(store) => store.retry(set, now_ms).await,
+            SpoolStore::Redis(store) => store.retry(set, now_ms).await,
+        }
+    }
+
+    pub async fn drop_one(&self, id: &str) -> Result<bool, SpoolError> {
+        match self {
+            SpoolStore::Sqlite(store) => store.drop_one(id).await,
+            SpoolStore::Redis(store) => store.drop_one(id).await,
+        }
+    }
+
+    /// At shutdown: what this process holds for others to take over (Redis leases).
+    pub async fn let_go(&self) {
+        match self {
+            SpoolStore::Sqlite(_) => {}
+            SpoolStore::Redis(store) => store.release_leases().await,
+        }
+    }
+}
+
+/// Where the spool's store is, from the configuration: the `[delivery]` section, and for Redis
+/// the replay store's `redis_url` and `key_prefix`.
+#[derive(Debug, Clone)]
+pub struct SpoolPlace {
+    pub delivery: DeliveryConfig,
+    pub redis_url: Option<String>,
+    pub key_prefix: String,
+}
+
+impl SpoolPlace {
+    /// Opens the store: SQLite creating its directory when `create`, else only if it exists
+    /// (`lfguard spool` must not create one where lfguard never wrote).
+    pub fn open(&self, create: bool) -> Result<SpoolStore, SpoolError> {
+        match self.delivery.store {
+            SpoolStoreKind::Sqlite => {
+                let dir = self.delivery.spool_dir.as_deref().ok_or_else(|| {
+                    SpoolError::Unavailable("delivery.spool_dir is not set".into())
+                })?;
+                let max_bytes = self.delivery.max_spool_bytes;
+                let store = if create {
+                    SqliteSpool::open(dir, max_bytes)?
+                } else {
+                    SqliteSpool::open_existing(dir, max_bytes)?
+                };
+                Ok(SpoolStore::Sqlite(store))
+            }
+            SpoolStoreKind::Redis => {
+                let url = self
+                    .redis_url
+                    .as_deref()
+                    .ok_or_else(|| SpoolError::Unavailable("replay.redis_url is not set".into()))?;
+                Ok(SpoolStore::Redis(Box::new(RedisSpool::new(
+                    url,
+                    &self.key_prefix,
+                    self.delivery.max_spool_bytes,
+                )?)))
+            }
+        }
+    }
+}
+
 /// The spool of a running lfguard: the store once it opened, and what wakes the delivery worker.
 pub struct Spool {
-    config: DeliveryConfig,
+    place: SpoolPlace,
     store: Mutex<Opened>,
     /// Notified when a callback is accepted, so the worker need not poll for it.
     pub accepted: Notify,
@@ -347,18 +498,18 @@ impl Backend {
 }
 
 struct Opened {
-    store: Option<Arc<SqliteSpool>>,
+    store: Option<Arc<SpoolStore>>,
     tried: Option<Instant>,
     error: String,
 }
 
 impl Spool {
-    /// Opens the store in `delivery.spool_dir`. A store that cannot be opened now (a directory
-    /// that cannot be created, a full disk) is tried again when a callback needs it; meanwhile
-    /// spooled callbacks are refused with 503 and readiness fails.
-    pub fn new(config: &DeliveryConfig) -> Spool {
+    /// Opens the store. One that cannot be opened now (an SQLite directory that cannot be
+    /// created, a full disk) is tried again when a callback needs it; meanwhile spooled callbacks
+    /// are refused with 503 and readiness fails. A Redis store connects on first use.
+    pub fn new(place: SpoolPlace) -> Spool {
         let spool = Spool {
-            config: config.clone(),
+            place,
             store: Mutex::new(Opened {
                 store: None,
                 tried: None,
@@ -374,17 +525,18 @@ impl Spool {
     }
 
     pub fn config(&self) -> &DeliveryConfig {
-        &self.config
+        &self.place.delivery
     }
 
     pub fn kind(&self) -> &'static str {
-        match self.config.store {
+        match self.place.delivery.store {
             SpoolStoreKind::Sqlite => "sqlite",
+            SpoolStoreKind::Redis => "redis",
         }
     }
 
     /// The open store, opening it if it is not yet (at most once per `REOPEN_INTERVAL`).
-    pub fn store(&self) -> Result<Arc<SqliteSpool>, SpoolError> {
+    pub fn store(&self) -> Result<Arc<SpoolStore>, SpoolError> {
         let mut opened = self
             .store
             .lock()
@@ -399,11 +551,10 @@ impl Spool {
             return Err(SpoolError::Unavailable(opened.error.clone()));
         }
         opened.tried = Some(Instant::now());
-        let dir = self.config.spool_dir.as_deref().unwrap_or(Path::new("."));
-        match SqliteSpool::open(dir, self.config.max_spool_bytes) {
+        match self.place.open(true) {
             Ok(store) => {
                 let store = Arc::new(store);
-                tracing::info!(dir = %dir.display(), "spool open");
+                tracing::info!(store = %store.describe(), "spool open");
                 opened.store = Some(store.clone());
                 Ok(store)
             }

@@ -455,6 +455,7 @@ fn spooled(row: &rusqlite::Row<'_>) -> rusqlite::Result<Spooled> {
     let body: Vec<u8> = row.get(11)?;
     Ok(Spooled {
         seq: row.get(0)?,
+        entry: None,
         id: row.get(1)?,
         received_ms: row.get(3)?,
         attempts: row.get(4)?,
@@ -473,7 +474,7 @@ fn spooled(row: &rusqlite::Row<'_>) -> rusqlite::Result<Spooled> {
 
 /// Headers as in an HTTP/1.1 head, `name: value` lines ending in CRLF (a value holds no CR or
 /// LF): readable in the database and in `lfguard spool show`.
-fn encode_headers(headers: &[(String, Bytes)]) -> Vec<u8> {
+pub(super) fn encode_headers(headers: &[(String, Bytes)]) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, value) in headers {
         out.extend_from_slice(name.as_bytes());
@@ -484,7 +485,7 @@ fn encode_headers(headers: &[(String, Bytes)]) -> Vec<u8> {
     out
 }
 
-fn decode_headers(encoded: &[u8]) -> Vec<(String, Bytes)> {
+pub(super) fn decode_headers(encoded: &[u8]) -> Vec<(String, Bytes)> {
     let mut headers = Vec::new();
     let mut rest = encoded;
     while let Some(end) = rest.windows(2).position(|pair| pair == b"\r\n") {
