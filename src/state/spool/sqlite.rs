@@ -1,6 +1,6 @@
-//! The embedded spool: one SQLite database (`spool.db`) in `delivery.spool_dir`, in WAL mode with
-//! `synchronous = FULL`, so a callback is on disk when `accept` returns, and `lfguard spool` can
-//! read and change it while lfguard serves.
+//! The embedded spool: one SQLite database (`spool.db`) in `delivery.spool_dir`, in WAL mode, with
+//! `synchronous = FULL` for every commit that holds an accepted callback, so a callback is on disk
+//! when `accept` returns; `lfguard spool` can read and change it while lfguard serves.
 //!
 //! Group commit: one writer thread owns the connection and takes jobs from a channel. It runs
 //! every job waiting in one transaction and one fsync, then answers each: while one commit is on
@@ -55,8 +55,11 @@ const COLUMNS: &str = "seq, id, partner, received_ms, attempts, next_attempt_ms,
                        last_error, method, target, headers, body";
 
 /// A job for the writer: runs inside the batch's transaction and returns what to do once the
-/// transaction committed (or failed to).
-type Job = Box<dyn FnOnce(&Transaction<'_>, &mut Counts) -> Done + Send>;
+/// transaction committed (or failed to). A durable job's batch is committed with an fsync.
+struct Job {
+    durable: bool,
+    run: Box<dyn FnOnce(&Transaction<'_>, &mut Counts) -> Done + Send>,
+}
 type Done = Box<dyn FnOnce(Result<(), SpoolError>) + Send>;
 
 /// What the writer keeps in memory to answer without scanning the table.
@@ -137,18 +140,23 @@ impl SqliteSpool {
         &self.path
     }
 
-    /// Runs `op` in the writer's next transaction; its result once that transaction committed.
+    /// Runs `op` in the writer's next transaction; its result once that transaction committed,
+    /// on disk (fsync) when `durable`.
     async fn run<T: Send + 'static>(
         &self,
+        durable: bool,
         op: impl FnOnce(&Transaction<'_>, &mut Counts) -> Result<T, SpoolError> + Send + 'static,
     ) -> Result<T, SpoolError> {
         let (answer, answered) = oneshot::channel();
-        let job: Job = Box::new(move |transaction, counts| {
-            let result = op(transaction, counts);
-            Box::new(move |committed| {
-                let _ = answer.send(committed.and(result));
-            })
-        });
+        let job = Job {
+            durable,
+            run: Box::new(move |transaction, counts| {
+                let result = op(transaction, counts);
+                Box::new(move |committed| {
+                    let _ = answer.send(committed.and(result));
+                })
+            }),
+        };
         self.jobs
             .send(job)
             .map_err(|_| unavailable("the spool's writer stopped"))?;
@@ -159,7 +167,7 @@ impl SqliteSpool {
 
     /// Keeps a callback received at `now_ms`; `Ok(id)` once it is on disk.
     pub async fn accept(&self, callback: NewCallback, now_ms: i64) -> Result<String, SpoolError> {
-        self.run(move |transaction, counts| {
+        self.run(true, move |transaction, counts| {
             let size = callback.size();
             if counts.bytes.saturating_add(size) > counts.max_bytes {
                 return Err(SpoolError::Full);
@@ -192,7 +200,7 @@ impl SqliteSpool {
     /// The oldest waiting callback of each partner (due or not): the only one of its partner that
     /// may be delivered now, so that each partner's callbacks arrive in order.
     pub async fn heads(&self) -> Result<Vec<Spooled>, SpoolError> {
-        self.run(|transaction, counts| {
+        self.run(false, |transaction, counts| {
             if counts.resynced.elapsed() >= RESYNC_INTERVAL {
                 counts.resync(transaction).map_err(unavailable)?;
             }
@@ -225,7 +233,7 @@ impl SqliteSpool {
     /// Records how an attempt at callback `seq` ended. A callback dropped meanwhile (by
     /// `lfguard spool drop`) stays dropped.
     pub async fn record(&self, seq: i64, outcome: Outcome, now_ms: i64) -> Result<(), SpoolError> {
-        self.run(move |transaction, counts| {
+        self.run(false, move |transaction, counts| {
             match outcome {
                 Outcome::Delivered => {
                     let size: Option<i64> = transaction
@@ -266,7 +274,7 @@ impl SqliteSpool {
 
     /// Counts by partner and state, the bytes held and the oldest waiting callback.
     pub async fn stats(&self) -> Result<Stats, SpoolError> {
-        self.run(|transaction, counts| {
+        self.run(false, |transaction, counts| {
             let mut stats = Stats {
                 max_bytes: counts.max_bytes,
                 ..Stats::default()
@@ -313,7 +321,7 @@ impl SqliteSpool {
 
     /// Every callback held, in arrival order, without their headers and bodies; at most `limit`.
     pub async fn list(&self, limit: usize) -> Result<Vec<Spooled>, SpoolError> {
-        self.run(move |transaction, _| {
+        self.run(false, move |transaction, _| {
             let mut statement = transaction
                 .prepare_cached(
                     "SELECT seq, id, partner, received_ms, attempts, next_attempt_ms, dead_ms, \
@@ -331,7 +339,7 @@ impl SqliteSpool {
     /// One callback, whole, by its id.
     pub async fn get(&self, id: &str) -> Result<Option<Spooled>, SpoolError> {
         let id = id.to_string();
-        self.run(move |transaction, _| {
+        self.run(false, move |transaction, _| {
             transaction
                 .query_row(
                     &format!("SELECT {COLUMNS} FROM callbacks WHERE id = ?1"),
@@ -347,7 +355,7 @@ impl SqliteSpool {
     /// Makes callbacks due now: a dead letter waits again, with its attempts counted from zero.
     /// Returns how many.
     pub async fn retry(&self, set: RetrySet, now_ms: i64) -> Result<u64, SpoolError> {
-        self.run(move |transaction, counts| {
+        self.run(true, move |transaction, counts| {
             let changed = match &set {
                 RetrySet::One(id) => transaction.execute(
                     "UPDATE callbacks SET dead_ms = NULL, attempts = 0, next_attempt_ms = ?1 \
@@ -376,7 +384,7 @@ impl SqliteSpool {
     /// Removes one callback, waiting or dead, without delivering it. Whether it was there.
     pub async fn drop_one(&self, id: &str) -> Result<bool, SpoolError> {
         let id = id.to_string();
-        self.run(move |transaction, counts| {
+        self.run(true, move |transaction, counts| {
             let size: Option<i64> = transaction
                 .query_row(
                     "DELETE FROM callbacks WHERE id = ?1 RETURNING size",
@@ -412,13 +420,32 @@ impl Counts {
 
 /// The writer thread: until every `SqliteSpool` handle is gone, takes the jobs waiting (at least
 /// one), runs them in one transaction, commits, and answers each.
+///
+/// A batch with a durable job (an accepted callback, an operator's change) commits with
+/// `synchronous = FULL`: on disk before anyone is answered. A batch of delivery bookkeeping only
+/// (a callback delivered, an attempt failed) and reads commits with `NORMAL`: in WAL mode that
+/// survives a crash of lfguard, and only a crash of the machine before the next fsync can undo
+/// it, which delivers a callback once more (with the same spool id) and loses none.
 fn write(mut connection: Connection, queue: mpsc::Receiver<Job>, mut counts: Counts) {
+    let mut synchronous_full = true;
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
                 Ok(job) => batch.push(job),
                 Err(_) => break,
+            }
+        }
+        let durable = batch.iter().any(|job| job.durable);
+        if durable != synchronous_full {
+            let pragma = if durable {
+                "PRAGMA synchronous = FULL"
+            } else {
+                "PRAGMA synchronous = NORMAL"
+            };
+            match connection.execute_batch(pragma) {
+                Ok(()) => synchronous_full = durable,
+                Err(err) => tracing::warn!(error = %err, "the spool could not set {pragma}"),
             }
         }
         let transaction = match connection.transaction_with_behavior(TransactionBehavior::Immediate)
@@ -434,7 +461,7 @@ fn write(mut connection: Connection, queue: mpsc::Receiver<Job>, mut counts: Cou
         };
         let done: Vec<Done> = batch
             .into_iter()
-            .map(|job| job(&transaction, &mut counts))
+            .map(|job| (job.run)(&transaction, &mut counts))
             .collect();
         let committed = transaction.commit().map_err(unavailable);
         if committed.is_err() {
