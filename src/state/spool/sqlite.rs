@@ -58,8 +58,9 @@ const COLUMNS: &str = "seq, id, partner, received_ms, attempts, next_attempt_ms,
 /// transaction committed (or failed to). A durable job's batch is committed with an fsync.
 struct Job {
     durable: bool,
-    run: Box<dyn FnOnce(&Transaction<'_>, &mut Counts) -> Done + Send>,
+    run: Run,
 }
+type Run = Box<dyn FnOnce(&Transaction<'_>, &mut Counts) -> Done + Send>;
 type Done = Box<dyn FnOnce(Result<(), SpoolError>) + Send>;
 
 /// What the writer keeps in memory to answer without scanning the table.
@@ -174,11 +175,13 @@ impl SqliteSpool {
             }
             let id = new_id();
             transaction
-                .execute(
+                .prepare_cached(
                     "INSERT INTO callbacks (id, partner, received_ms, size, attempts, \
                      next_attempt_ms, method, target, headers, body) \
                      VALUES (?1, ?2, ?3, ?4, 0, ?3, ?5, ?6, ?7, ?8)",
-                    params![
+                )
+                .and_then(|mut insert| {
+                    insert.execute(params![
                         id,
                         callback.partner,
                         now_ms,
@@ -187,8 +190,8 @@ impl SqliteSpool {
                         callback.target,
                         encode_headers(&callback.headers),
                         &callback.body[..],
-                    ],
-                )
+                    ])
+                })
                 .map_err(unavailable)?;
             counts.bytes += size;
             counts.partners.insert(callback.partner);
@@ -237,11 +240,8 @@ impl SqliteSpool {
             match outcome {
                 Outcome::Delivered => {
                     let size: Option<i64> = transaction
-                        .query_row(
-                            "DELETE FROM callbacks WHERE seq = ?1 RETURNING size",
-                            [seq],
-                            |row| row.get(0),
-                        )
+                        .prepare_cached("DELETE FROM callbacks WHERE seq = ?1 RETURNING size")
+                        .and_then(|mut delete| delete.query_row([seq], |row| row.get(0)))
                         .optional()
                         .map_err(unavailable)?;
                     counts.bytes = counts
@@ -250,11 +250,11 @@ impl SqliteSpool {
                 }
                 Outcome::Retry { at_ms, error } => {
                     transaction
-                        .execute(
+                        .prepare_cached(
                             "UPDATE callbacks SET attempts = attempts + 1, next_attempt_ms = ?2, \
                              last_error = ?3 WHERE seq = ?1 AND dead_ms IS NULL",
-                            params![seq, at_ms, error],
                         )
+                        .and_then(|mut update| update.execute(params![seq, at_ms, error]))
                         .map_err(unavailable)?;
                 }
                 Outcome::Dead { error } => {
