@@ -18,6 +18,7 @@ pub use crate::server::config::{ListenerTlsConfig, ServerConfig};
 pub use crate::state::replay::{OnDuplicate, ReplayConfig, StoreKind};
 use crate::state::secrets;
 pub use crate::state::secrets::PartnerConfig;
+pub use crate::state::spool::{DeliveryConfig, DeliveryMode, SpoolPlace, SpoolStoreKind};
 pub use crate::telemetry::logging::{LogConfig, LogFormat};
 pub use crate::verify::config::{VerifyConfig, VerifyMode};
 use crate::verify::duration::Short;
@@ -35,6 +36,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub verify: VerifyConfig,
     pub replay: ReplayConfig,
+    pub delivery: DeliveryConfig,
     pub log: LogConfig,
     pub routes: Vec<RouteConfig>,
     /// Member schemas by name, chosen per route with `schema = "NAME"`.
@@ -54,6 +56,7 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             verify: VerifyConfig::default(),
             replay: ReplayConfig::default(),
+            delivery: DeliveryConfig::default(),
             log: LogConfig::default(),
             routes: Vec::new(),
             schemas: BTreeMap::new(),
@@ -210,6 +213,35 @@ impl Config {
             ));
         }
         problems.extend(self.replay.problems());
+        problems.extend(self.delivery.problems());
+        if self.delivery.store == SpoolStoreKind::Redis && self.replay.redis_url.is_none() {
+            problems.push(
+                "delivery.store: \"redis\" keeps the spool in the replay store's Redis, and \
+                 replay.redis_url is not set"
+                    .into(),
+            );
+        }
+        if !self.delivery.has_spool() && self.delivery.mode != DeliveryMode::Spool {
+            let spooling = self
+                .routes
+                .iter()
+                .enumerate()
+                .filter(|(_, route)| route.delivery == Some(DeliveryMode::Spool))
+                .map(|(i, _)| format!("routes[{i}]"))
+                .chain(
+                    self.partners
+                        .iter()
+                        .filter(|(_, partner)| partner.delivery == Some(DeliveryMode::Spool))
+                        .map(|(code, _)| format!("partners.{code}")),
+                )
+                .collect::<Vec<_>>();
+            if !spooling.is_empty() {
+                problems.push(format!(
+                    "delivery.spool_dir: required when callbacks are spooled ({} set delivery = \"spool\")",
+                    spooling.join(", ")
+                ));
+            }
+        }
         problems.extend(self.log.problems());
         problems.extend(crate::proxy::routes::problems(&self.routes, &self.schemas));
         for (name, schema) in &self.schemas {
@@ -242,6 +274,15 @@ impl Config {
             Ok(notes)
         } else {
             Err(problems)
+        }
+    }
+
+    /// Where the spool is kept: the `[delivery]` section, and the replay store's Redis.
+    pub fn spool_place(&self) -> SpoolPlace {
+        SpoolPlace {
+            delivery: self.delivery.clone(),
+            redis_url: self.replay.redis_url.clone(),
+            key_prefix: self.replay.key_prefix.clone(),
         }
     }
 
@@ -326,6 +367,32 @@ mod tests {
             "{err}"
         );
         config.replay.window = Duration::from_secs(24 * 3600 + 300);
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn a_spool_needs_a_place() {
+        let mut config = with_one_partner();
+        config.routes.push(RouteConfig {
+            path_prefix: "/sms".into(),
+            verify: true,
+            schema: None,
+            require_timestamp: None,
+            accept_form: None,
+            delivery: Some(DeliveryMode::Spool),
+        });
+        let found = config.clone().validate().unwrap_err().0;
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("delivery.spool_dir: required") && p.contains("routes[0]")),
+            "{found:?}"
+        );
+        config.delivery.store = SpoolStoreKind::Redis;
+        let found = config.clone().validate().unwrap_err().0;
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with("delivery.store:"), "{found:?}");
+        config.replay.redis_url = Some("redis://127.0.0.1:6379".into());
         assert!(config.validate().is_ok());
     }
 

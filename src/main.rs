@@ -37,6 +37,12 @@ fn main() -> ExitCode {
         Command::Send(args) => report(runtime(0).block_on(cli::send(&args))),
         Command::Echo(args) => report(runtime(1).block_on(cli::echo(&args)).map(|()| true)),
         Command::Demo(args) => report(runtime(0).block_on(cli::demo(&args))),
+        Command::Spool(args) => match load(&ConfigArg {
+            config: args.config.clone(),
+        }) {
+            Ok(config) => report(runtime(1).block_on(cli::spool(&args, &config))),
+            Err(code) => code,
+        },
     }
 }
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 enum Layer {
     /// The pure core: no I/O, no clock, no tokio.
     Verify,
-    /// Secrets and the replay store.
+    /// Secrets, the replay store and the spool.
     State,
     /// The request log and the metrics, fed plain values.
     Telemetry,
@@ -44,6 +44,9 @@ const LAYERS: &[(&str, Layer)] = &[
     ("state::replay::memory", State),
     ("state::replay::redis", State),
     ("state::secrets", State),
+    ("state::spool", State),
+    ("state::spool::redis", State),
+    ("state::spool::sqlite", State),
     ("telemetry", Telemetry),
     ("telemetry::logging", Telemetry),
     ("telemetry::metrics", Telemetry),
@@ -62,6 +65,7 @@ const LAYERS: &[(&str, Layer)] = &[
     ("proxy::upstream", Proxy),
     ("proxy::upstream::body", Proxy),
     ("proxy::upstream::tls", Proxy),
+    ("proxy::worker", Proxy),
     ("server", Server),
     ("server::admin", Server),
     ("server::config", Server),
@@ -78,6 +82,7 @@ const LAYERS: &[(&str, Layer)] = &[
     ("cli::echo", Cli),
     ("cli::send", Cli),
     ("cli::sign", Cli),
+    ("cli::spool", Cli),
 ];
 
 /// Modules that must not reach for I/O, a clock or tokio, whatever they import.

@@ -628,6 +628,12 @@ fn tls_examples_run_up_to_the_steps_for_a_real_host() {
 }
 
 #[test]
+fn delivery_examples_run() {
+    let ran = Session::new().run_page("docs/delivery.md", |_| true);
+    assert!(ran >= 7, "{ran} blocks");
+}
+
+#[test]
 fn operations_examples_run() {
     let ran = Session::new().run_page("docs/operations.md", |_| true);
     assert!(ran >= 1, "{ran} blocks");
@@ -843,6 +849,7 @@ fn every_key() -> BTreeSet<String> {
         ("upstream", fields_of::<UpstreamConfig>()),
         ("verify", fields_of::<VerifyConfig>()),
         ("replay", fields_of::<ReplayConfig>()),
+        ("delivery", fields_of::<DeliveryConfig>()),
         ("log", fields_of::<LogConfig>()),
         ("routes[]", fields_of::<RouteConfig>()),
         ("schemas.NAME", fields_of::<lfguard::schema::Schema>()),
@@ -1039,6 +1046,8 @@ fn every_error_code_is_in_the_error_table() {
         Rejection::UnsupportedMediaType,
         Rejection::UpstreamUnavailable(String::new()),
         Rejection::ReplayStoreUnavailable(String::new()),
+        Rejection::SpoolUnavailable(String::new()),
+        Rejection::SpoolFull,
         Rejection::Overloaded,
         Rejection::ShuttingDown,
         Rejection::UpstreamTimeout,
@@ -1066,6 +1075,8 @@ fn every_error_code_is_in_the_error_table() {
             | Rejection::UnsupportedMediaType
             | Rejection::UpstreamUnavailable(_)
             | Rejection::ReplayStoreUnavailable(_)
+            | Rejection::SpoolUnavailable(_)
+            | Rejection::SpoolFull
             | Rejection::Overloaded
             | Rejection::ShuttingDown
             | Rejection::UpstreamTimeout => {}

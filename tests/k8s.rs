@@ -128,6 +128,7 @@ fn redis_overlay_environment_passes_check_config() {
         "name: LFGUARD_REPLAY__STORE",
         "value: redis",
         "name: LFGUARD_REPLAY__REDIS_URL",
+        "name: LFGUARD_DELIVERY__STORE",
     ] {
         assert!(patch.contains(expected), "{REDIS_PATCH} lacks `{expected}`");
     }
@@ -140,9 +141,12 @@ fn redis_overlay_environment_passes_check_config() {
     let (output, _partners) = check_config(&[
         ("LFGUARD_REPLAY__STORE", "redis"),
         ("LFGUARD_REPLAY__REDIS_URL", &url),
+        ("LFGUARD_DELIVERY__STORE", "redis"),
+        ("LFGUARD_DELIVERY__MODE", "spool"),
     ]);
     let config = effective(&output);
     assert_eq!(get_str(&config, "replay.store"), "redis");
+    assert_eq!(get_str(&config, "delivery.store"), "redis");
     assert_eq!(get_str(&config, "replay.redis_url"), url);
 }
 
@@ -246,4 +250,49 @@ fn tls_overlay_serves_the_cert_manager_secret_it_mounts() {
     );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.starts_with("# server.tls.cert_file: "), "{stdout}");
+}
+
+/// The spool setting commented in the base's lfguard.toml works as the comment says: uncommented
+/// (here through the environment), check-config accepts it, and it lies on the emptyDir that
+/// the Deployment mounts for it (the root filesystem is read-only).
+#[test]
+fn the_commented_spool_setting_points_at_the_mounted_empty_dir() {
+    let file = read(BASE_TOML);
+    let spool_dir = file
+        .lines()
+        .find_map(|line| line.strip_prefix("# spool_dir = "))
+        .map(|value| value.trim().trim_matches('"').to_string())
+        .unwrap_or_else(|| panic!("{BASE_TOML} has no commented spool_dir"));
+    assert_eq!(
+        get_str(&base_config(), "delivery.mode"),
+        "forward",
+        "the base forwards until the operator opts in"
+    );
+    let (output, _partners) = check_config(&[
+        ("LFGUARD_DELIVERY__MODE", "spool"),
+        ("LFGUARD_DELIVERY__SPOOL_DIR", &spool_dir),
+    ]);
+    let config = effective(&output);
+    assert_eq!(get_str(&config, "delivery.mode"), "spool");
+
+    let deployment = read(DEPLOYMENT);
+    let mount = deployment
+        .lines()
+        .skip_while(|line| !line.contains("- name: lfguard-spool"))
+        .find_map(|line| line.trim().strip_prefix("mountPath:"))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("{DEPLOYMENT} does not mount lfguard-spool"));
+    assert!(
+        spool_dir.starts_with(&format!("{mount}/")),
+        "{spool_dir} is not under the mount {mount}"
+    );
+    let volume = deployment
+        .split("volumes:")
+        .nth(1)
+        .expect("the pod's volumes");
+    let spool_volume = volume
+        .split("- name: ")
+        .find(|entry| entry.starts_with("lfguard-spool"))
+        .expect("the lfguard-spool volume");
+    assert!(spool_volume.contains("emptyDir:"), "{spool_volume}");
 }

@@ -292,6 +292,7 @@ fn demo_config(
         schema: Some(SCHEMA.into()),
         require_timestamp: None,
         accept_form: None,
+        delivery: None,
     }];
     config.validate().map_err(|err| err.to_string())
 }

@@ -1,7 +1,7 @@
 //! The command line: the subcommands and their flags, and what they share (the secret, the body,
 //! the canonicalisation flags). Each subcommand lives in its own file: `sign` (sign and verify),
-//! `send`, `echo` and `demo`; `client` is the HTTP(S) client of `send` and `demo`; `main.rs` runs
-//! `serve` and `check-config`.
+//! `send`, `echo`, `demo` and `spool`; `client` is the HTTP(S) client of `send` and `demo`;
+//! `main.rs` runs `serve` and `check-config`.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -15,11 +15,13 @@ pub mod demo;
 pub mod echo;
 pub mod send;
 pub mod sign;
+pub mod spool;
 
 pub use self::demo::{DemoArgs, demo};
 pub use self::echo::{EchoArgs, echo};
 pub use self::send::{SendArgs, send};
 pub use self::sign::{SignArgs, VerifyArgs, sign, verify};
+pub use self::spool::{SpoolAction, SpoolArgs, spool};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -128,6 +130,22 @@ Examples:
   lfguard demo --cert-file server.crt --key-file server.key --ca-file ca.pem
                                                    a certificate of a private CA, for localhost")]
     Demo(DemoArgs),
+    /// Look at and act on the spool of callbacks waiting for the backend (delivery.spool_dir).
+    ///
+    /// Works beside a running lfguard, which picks up a retry or a drop within a second. Exits 1
+    /// when the callback named is not in the spool.
+    #[command(after_help = "\
+Examples:
+  lfguard spool stats --config config/lfguard.toml  counts, bytes, the oldest waiting callback
+  lfguard spool list --config config/lfguard.toml   every spooled callback, oldest first
+  lfguard spool show ID --config config/lfguard.toml
+                                                   one callback: state, last error, head and body
+  lfguard spool retry --dead --config config/lfguard.toml
+                                                   send every dead letter again
+  lfguard spool retry ID                           one callback, now (LFGUARD_CONFIG names the file)
+  lfguard spool drop ID --config config/lfguard.toml
+                                                   remove one callback without delivering it")]
+    Spool(SpoolArgs),
 }
 
 /// The configuration file, for `serve` and `check-config`.
@@ -343,7 +361,7 @@ mod tests {
             let has_config = command
                 .get_arguments()
                 .any(|arg| arg.get_long() == Some("config"));
-            let reads_config = matches!(command.get_name(), "serve" | "check-config");
+            let reads_config = matches!(command.get_name(), "serve" | "check-config" | "spool");
             assert_eq!(has_config, reads_config, "{}", command.get_name());
         }
     }

@@ -1,5 +1,6 @@
 //! Delivery: the replay claim, the request to the backend, the exchange, and the settling of the
-//! claim, run to the end even when the client goes away (`Detached`).
+//! claim, run to the end even when the client goes away (`Detached`); or, in spool mode, the
+//! callback written to the spool and the claim settled once it is on disk.
 
 use std::fmt::Write as _;
 use std::pin::Pin;
@@ -23,8 +24,14 @@ use crate::proxy::headers::{
 };
 use crate::proxy::peer::Peer;
 use crate::proxy::record::RequestLog;
+use crate::proxy::routes::RouteConfig;
 use crate::proxy::upstream::{Deadline, Upstream};
 use crate::state::replay::{self, Claim, ClaimGuard, Store};
+use crate::state::secrets::SecretStore;
+use crate::state::spool::{DeliveryMode, NewCallback, SpoolError};
+
+/// The header of the spooled-callback answer, and of each delivery of a spooled callback.
+pub(super) const SPOOL_ID: HeaderName = HeaderName::from_static("x-lfguard-spool-id");
 
 /// Time an in-flight claim outlives the upstream timeout, so a claim never expires while its
 /// request may still be delivered.
@@ -171,6 +178,88 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// How this callback reaches the backend: its route's `delivery`, else its partner's, else
+    /// `delivery.mode`.
+    pub(super) fn delivery_mode(
+        &self,
+        route: Option<&RouteConfig>,
+        secrets: &SecretStore,
+        log: &RequestLog,
+    ) -> DeliveryMode {
+        route
+            .and_then(|route| route.delivery)
+            .or_else(|| {
+                log.partner
+                    .as_deref()
+                    .and_then(|partner| secrets.delivery_for(partner))
+            })
+            .unwrap_or(self.settings.delivery.mode)
+    }
+
+    /// Spool mode: writes the callback, as it would be forwarded, to the spool, and answers
+    /// `200 {"status":"accepted"}` once it is on disk. Its replay claim is settled as delivered
+    /// then (the callback is lfguard's to deliver; a copy is a duplicate). If the spool cannot
+    /// take it, the claim is released and the sender gets 503: nothing was acknowledged. The
+    /// write and the settling run to the end even if the sender hangs up (`Detached`), so that an
+    /// accepted callback always has its claim settled.
+    pub(super) async fn spool(
+        &self,
+        parts: Parts,
+        body: Bytes,
+        peer: &Peer,
+        guard: ClaimGuard,
+        log: &mut RequestLog,
+    ) -> Result<Response<ProxyBody>, Rejection> {
+        let Some(spool) = self.spool.clone() else {
+            return Err(Rejection::SpoolUnavailable(
+                "delivery.spool_dir is not set".into(),
+            ));
+        };
+        let target = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |target| target.as_str())
+            .to_string();
+        let request = self.upstream_request(parts, body.clone(), peer, Some(log));
+        let callback = NewCallback {
+            partner: log.partner.clone().unwrap_or_default(),
+            method: request.method().as_str().to_string(),
+            target,
+            headers: request
+                .headers()
+                .iter()
+                .filter(|(name, _)| *name != header::CONTENT_LENGTH)
+                .map(|(name, value)| {
+                    (
+                        name.as_str().to_string(),
+                        Bytes::copy_from_slice(value.as_bytes()),
+                    )
+                })
+                .collect(),
+            body,
+        };
+        let window = self.settings.replay.window;
+        let accepted = Detached::new(async move {
+            let accepted = spool.accept(callback).await;
+            let settled = match &accepted {
+                Ok(_) => guard.settle(window).await,
+                Err(_) => guard.release().await,
+            };
+            if let Err(err) = settled {
+                tracing::warn!(error = %err, spooled = accepted.is_ok(), "could not settle the replay claim");
+            }
+            accepted
+        })
+        .await;
+        match accepted {
+            Ok(id) => Ok(accepted_response(&id)),
+            Err(SpoolError::Full) => Err(Rejection::SpoolFull),
+            Err(SpoolError::Unavailable(why)) => Err(Rejection::SpoolUnavailable(why)),
+        }
+    }
+}
+
 /// A future that runs to completion even if dropped: dropped unfinished (hyper drops the
 /// request's future when the client goes away), it is handed to a task of its own, which goes on
 /// from where it was.
@@ -262,6 +351,21 @@ pub(super) fn duplicate_response() -> Response<ProxyBody> {
         HeaderName::from_static("x-lfguard-duplicate"),
         HeaderValue::from_static("true"),
     );
+    response
+}
+
+fn accepted_response(id: &str) -> Response<ProxyBody> {
+    let mut response = Response::new(full(r#"{"status":"accepted"}"#));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        HeaderName::from_static("x-lfguard-spooled"),
+        HeaderValue::from_static("true"),
+    );
+    insert(headers, SPOOL_ID, id);
     response
 }
 

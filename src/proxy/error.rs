@@ -46,6 +46,10 @@ pub enum Rejection {
     UnsupportedMediaType,
     UpstreamUnavailable(String),
     ReplayStoreUnavailable(String),
+    /// A callback to spool, and the spool cannot be opened or written.
+    SpoolUnavailable(String),
+    /// A callback to spool, and the spool holds `delivery.max_spool_bytes`.
+    SpoolFull,
     /// The budget for buffered bodies (`server.max_buffered_bytes`) is spent.
     Overloaded,
     /// lfguard shut down (`server.shutdown_grace` ran out) before the backend answered.
@@ -79,6 +83,8 @@ impl Rejection {
             Rejection::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Rejection::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Rejection::ReplayStoreUnavailable(_)
+            | Rejection::SpoolUnavailable(_)
+            | Rejection::SpoolFull
             | Rejection::Overloaded
             | Rejection::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -110,6 +116,8 @@ impl Rejection {
             | Rejection::BodyTooLarge { .. }
             | Rejection::UnsupportedMediaType
             | Rejection::UpstreamUnavailable(_)
+            | Rejection::SpoolUnavailable(_)
+            | Rejection::SpoolFull
             | Rejection::Overloaded
             | Rejection::ShuttingDown
             | Rejection::UpstreamTimeout => false,
@@ -139,6 +147,8 @@ impl Rejection {
             Rejection::UnsupportedMediaType => "unsupported_media_type",
             Rejection::UpstreamUnavailable(_) => "upstream_unavailable",
             Rejection::ReplayStoreUnavailable(_) => "replay_store_unavailable",
+            Rejection::SpoolUnavailable(_) => "spool_unavailable",
+            Rejection::SpoolFull => "spool_full",
             Rejection::Overloaded => "overloaded",
             Rejection::ShuttingDown => "shutting_down",
             Rejection::UpstreamTimeout => "upstream_timeout",
@@ -175,6 +185,12 @@ impl Rejection {
             }
             Rejection::UpstreamUnavailable(_) => "backend unreachable".into(),
             Rejection::ReplayStoreUnavailable(_) => "replay store unavailable; retry later".into(),
+            Rejection::SpoolUnavailable(_) => {
+                "the callback could not be stored for delivery; retry later".into()
+            }
+            Rejection::SpoolFull => {
+                "too many callbacks are waiting for the backend; retry later".into()
+            }
             Rejection::Overloaded => {
                 "too many request bodies are being received at once; retry later".into()
             }
@@ -194,6 +210,7 @@ impl Rejection {
             Rejection::ReplayStoreUnavailable(detail) => {
                 format!("replay store unavailable: {detail}")
             }
+            Rejection::SpoolUnavailable(detail) => format!("spool unavailable: {detail}"),
             Rejection::MalformedRequest(_)
             | Rejection::MalformedBody(_)
             | Rejection::DuplicateKey(_)
@@ -211,6 +228,7 @@ impl Rejection {
             | Rejection::InFlight { .. }
             | Rejection::BodyTooLarge { .. }
             | Rejection::UnsupportedMediaType
+            | Rejection::SpoolFull
             | Rejection::Overloaded
             | Rejection::ShuttingDown
             | Rejection::UpstreamTimeout => self.message(),
@@ -236,8 +254,13 @@ impl Rejection {
             Rejection::InFlight { retry_after_secs } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
-            Rejection::ReplayStoreUnavailable(_) | Rejection::ShuttingDown => {
+            Rejection::ReplayStoreUnavailable(_)
+            | Rejection::SpoolUnavailable(_)
+            | Rejection::ShuttingDown => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            Rejection::SpoolFull => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
             }
             Rejection::Overloaded => {
                 headers.insert(
@@ -382,6 +405,7 @@ mod tests {
         for rejection in [
             Rejection::UpstreamUnavailable(inside.into()),
             Rejection::ReplayStoreUnavailable(inside.into()),
+            Rejection::SpoolUnavailable(inside.into()),
             Rejection::UnreadableBody(inside.into()),
         ] {
             assert!(!rejection.message().contains("127.0.0.1"), "{rejection:?}");

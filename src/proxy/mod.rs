@@ -1,6 +1,6 @@
 //! The request pipeline: request head → route → limit → buffer → parse → verify → freshness →
-//! replay claim → deliver (forward and settle). `Proxy::handle` is the hyper service; each step is
-//! a named function below it.
+//! replay claim → deliver (forward and settle, or spool). `Proxy::handle` is the hyper service;
+//! each step is a named function below it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,6 +21,7 @@ use crate::proxy::routes::RouteConfig;
 use crate::proxy::upstream::{Upstream, UpstreamConfig};
 use crate::state::replay::{self, AnyStore, OnDuplicate, ReplayConfig};
 use crate::state::secrets::{Partner, SecretStore};
+use crate::state::spool::{DeliveryConfig, DeliveryMode, Spool};
 use crate::telemetry::metrics::Metrics;
 use crate::verify::config::{VerifyConfig, VerifyMode};
 use crate::verify::schema::Schema;
@@ -38,6 +39,7 @@ mod read;
 mod record;
 pub mod routes;
 pub mod upstream;
+pub mod worker;
 
 // The pipeline's steps, one concern a file: each extends `Proxy` (an `impl Proxy` block, which
 // reaches the fields through `super::Proxy`) or holds plain functions.
@@ -54,6 +56,7 @@ pub use self::record::{Accepted, RequestLog};
 pub struct Settings {
     pub verify: VerifyConfig,
     pub replay: ReplayConfig,
+    pub delivery: DeliveryConfig,
     pub upstream: UpstreamConfig,
     pub routes: Vec<RouteConfig>,
     pub schemas: BTreeMap<String, Schema>,
@@ -71,6 +74,8 @@ pub struct Proxy {
     replay: Arc<AnyStore>,
     metrics: Arc<Metrics>,
     upstream: Arc<Upstream>,
+    /// Where spooled callbacks are kept; `None` without `delivery.spool_dir`.
+    spool: Option<Arc<Spool>>,
     /// `server.max_buffered_bytes`, shared by every request body being buffered.
     budget: Arc<BodyBudget>,
     /// Set when shutdown begins: answers carry `Connection: close`, so clients reconnect (to
@@ -88,6 +93,7 @@ impl Proxy {
         upstream: Arc<Upstream>,
         secrets: Arc<ArcSwap<SecretStore>>,
         replay: Arc<AnyStore>,
+        spool: Option<Arc<Spool>>,
         metrics: Arc<Metrics>,
         budget: Arc<BodyBudget>,
         draining: Arc<AtomicBool>,
@@ -98,6 +104,7 @@ impl Proxy {
             replay,
             metrics,
             upstream,
+            spool,
             budget,
             draining,
             cut: AtomicBool::new(false),
@@ -220,6 +227,13 @@ impl Proxy {
             }
         };
         self.count_verification(log, "valid");
+
+        // Spool mode: once the callback is on disk it is ours to deliver, so the sender gets its
+        // answer now and the delivery worker (`worker`) hands it to the backend when it can.
+        if self.delivery_mode(route, &secrets, log) == DeliveryMode::Spool {
+            let response = self.spool(parts, body, peer, guard, log).await?;
+            return Ok((response, Accepted::Spooled));
+        }
 
         // Deliver: forward, and settle the claim on the backend's answer, which runs to the end
         // even if the client hangs up.

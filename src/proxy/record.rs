@@ -124,6 +124,8 @@ pub enum Accepted {
     PassedThrough,
     /// Failed a check but forwarded, marked, because its partner is in report mode.
     Reported,
+    /// Verified and kept in the spool for the delivery worker.
+    Spooled,
 }
 
 impl Accepted {
@@ -133,6 +135,7 @@ impl Accepted {
             Accepted::Duplicate => "duplicate",
             Accepted::PassedThrough => "passed_through",
             Accepted::Reported => "reported",
+            Accepted::Spooled => "spooled",
         }
     }
 }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Proxy;
 use super::error::Rejection;
+use crate::state::spool::DeliveryMode;
 use crate::verify::schema::Schema;
 
 /// A path prefix with its own rules: passed through without verification (`verify = false`, e.g.
@@ -27,6 +28,9 @@ pub struct RouteConfig {
     pub require_timestamp: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accept_form: Option<bool>,
+    /// Overrides `delivery.mode` for callbacks on this route (and a partner's `delivery`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<DeliveryMode>,
 }
 
 fn verify_by_default() -> bool {
@@ -45,6 +49,7 @@ pub fn problems(routes: &[RouteConfig], schemas: &BTreeMap<String, Schema>) -> V
                 ("schema", route.schema.is_some()),
                 ("require_timestamp", route.require_timestamp.is_some()),
                 ("accept_form", route.accept_form.is_some()),
+                ("delivery", route.delivery.is_some()),
             ] {
                 if set {
                     problems.push(format!(

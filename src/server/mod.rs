@@ -17,12 +17,14 @@ use crate::config::Config;
 use crate::proxy::framing::Watched;
 use crate::proxy::limits::BodyBudget;
 use crate::proxy::upstream::Upstream;
+use crate::proxy::worker::Worker;
 use crate::proxy::{Peer, Proxy, Settings};
 use crate::server::admin::Admin;
 use crate::server::connections::Connections;
 use crate::server::shared::Shared;
 use crate::server::tls::ListenerTls;
 use crate::state::replay::AnyStore;
+use crate::state::spool::Spool;
 use crate::telemetry::metrics::Metrics;
 use crate::verify::duration::Short;
 
@@ -94,6 +96,12 @@ async fn start(
     let shared = Arc::new(Shared {
         secrets: Arc::new(ArcSwap::from_pointee(secrets)),
         replay: AnyStore::from_config(&config.replay).map_err(|err| err.0)?,
+        // Opened whenever a directory is configured, so that a reload may turn spooling on for
+        // a partner; a spool that cannot be opened yet is tried again when it is needed.
+        spool: config
+            .delivery
+            .has_spool()
+            .then(|| Arc::new(Spool::new(config.spool_place()))),
         budget: Arc::new(BodyBudget::new(config.server.max_buffered_bytes)),
         proxy_connections: Connections::new(
             "proxy",
@@ -135,14 +143,26 @@ async fn start(
         upstream,
         shared.secrets.clone(),
         shared.replay.clone(),
+        shared.spool.clone(),
         shared.metrics.clone(),
         shared.budget.clone(),
         shared.draining.clone(),
     ));
+    // Delivers spooled callbacks; on shutdown, those in progress get `server.shutdown_grace`.
+    let worker = shared.spool.clone().map(|spool| {
+        let worker = Arc::new(Worker::new(
+            spool,
+            proxy.upstream().clone(),
+            config.upstream.timeout,
+            shared.metrics.clone(),
+        ));
+        tokio::spawn(worker.run(stop_rx.clone(), config.server.shutdown_grace))
+    });
     let idle_closer = tokio::spawn(proxy.upstream().clone().close_idle_connections());
     tracing::info!(
         partners = shared.secrets.load().partner_count(),
         replay_store = shared.replay.kind(),
+        spool = shared.spool.as_ref().map_or("none", |spool| spool.kind()),
         upstream = %config.upstream.url,
         "ready"
     );
@@ -159,6 +179,9 @@ async fn start(
         stop_rx,
     )
     .await;
+    if let Some(worker) = worker {
+        let _ = worker.await;
+    }
     signals.abort();
     idle_closer.abort();
     reloader.abort();
@@ -172,6 +195,7 @@ fn proxy_settings(config: &Config) -> Settings {
     Settings {
         verify: config.verify.clone(),
         replay: config.replay.clone(),
+        delivery: config.delivery.clone(),
         upstream: config.upstream.clone(),
         routes: config.routes.clone(),
         schemas: config.schemas.clone(),

@@ -13,6 +13,7 @@ use crate::server::connections::Connections;
 use crate::server::tls::ListenerTls;
 use crate::state::replay::AnyStore;
 use crate::state::secrets::SecretStore;
+use crate::state::spool::Spool;
 use crate::telemetry::metrics::Metrics;
 
 /// State shared by the proxy, the admin server and the signal handlers.
@@ -23,6 +24,8 @@ pub struct Shared {
     pub config_path: Option<PathBuf>,
     pub secrets: Arc<ArcSwap<SecretStore>>,
     pub replay: Arc<AnyStore>,
+    /// The spool, when `delivery.spool_dir` is set.
+    pub spool: Option<Arc<Spool>>,
     pub metrics: Arc<Metrics>,
     /// `server.max_buffered_bytes`: shared by every request body being buffered.
     pub budget: Arc<BodyBudget>,

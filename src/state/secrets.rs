@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::state::spool::DeliveryMode;
 use crate::verify::config::VerifyMode;
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -16,6 +17,8 @@ pub struct PartnerConfig {
     pub mode: Option<VerifyMode>,
     /// Overrides `verify.require_timestamp` for this partner's callbacks (a route's setting wins).
     pub require_timestamp: Option<bool>,
+    /// Overrides `delivery.mode` for this partner's callbacks (a route's setting wins).
+    pub delivery: Option<DeliveryMode>,
     /// Inline secrets: for development only (a warning is logged at start).
     pub secrets: Vec<String>,
     pub secret_files: Vec<PathBuf>,
@@ -79,6 +82,8 @@ pub struct Partner {
     pub mode: Option<VerifyMode>,
     /// Overrides `verify.require_timestamp`.
     pub require_timestamp: Option<bool>,
+    /// Overrides `delivery.mode`.
+    pub delivery: Option<DeliveryMode>,
 }
 
 impl fmt::Debug for Key {
@@ -166,6 +171,7 @@ impl SecretStore {
                         keys,
                         mode: config.and_then(|config| config.mode),
                         require_timestamp: config.and_then(|config| config.require_timestamp),
+                        delivery: config.and_then(|config| config.delivery),
                     };
                     (code, partner)
                 })
@@ -194,6 +200,11 @@ impl SecretStore {
         partner
             .and_then(|partner| partner.mode)
             .unwrap_or(self.default_mode)
+    }
+
+    /// The partner's `delivery` override, if it has one.
+    pub fn delivery_for(&self, code: &str) -> Option<DeliveryMode> {
+        self.partner(code).and_then(|partner| partner.delivery)
     }
 
     pub fn contains(&self, code: &str) -> bool {
@@ -345,6 +356,7 @@ mod tests {
             secret_env: vec!["LFGUARD_TEST_SURELY_UNSET_VAR".into()],
             mode: None,
             require_timestamp: None,
+            delivery: None,
         });
         let problems = load(&config).unwrap_err();
         assert_eq!(problems.len(), 4, "{problems:?}");

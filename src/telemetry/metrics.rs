@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder, exponential_buckets,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder, exponential_buckets,
 };
 
 /// The figures `render` reads at scrape time from the parts that own them (the body budget, the
@@ -22,6 +22,20 @@ pub struct Figures<'a> {
     pub replay_entries: Option<((u64, u64), u64)>,
     pub replay_evictions: u64,
     pub replay_refused: u64,
+    /// What the spool holds, when lfguard has one and it could be read.
+    pub spool: Option<SpoolFigures>,
+}
+
+/// The spool's figures at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SpoolFigures {
+    /// Callbacks waiting for delivery.
+    pub pending: u64,
+    pub dead_letters: u64,
+    pub bytes: u64,
+    pub bytes_limit: u64,
+    /// Seconds since the oldest waiting callback was accepted (0 when none waits).
+    pub oldest_age_seconds: f64,
 }
 
 /// The label value for requests whose partner is missing or not configured.
@@ -48,6 +62,14 @@ pub struct Metrics {
     tls_certificate_expiry: IntGaugeVec,
     tls_handshake_failures: IntCounterVec,
     tls_certificate_reloads: IntCounterVec,
+    spool_depth: IntGauge,
+    spool_dead_letters: IntGauge,
+    spool_bytes: IntGauge,
+    spool_bytes_limit: IntGauge,
+    spool_oldest_age: Gauge,
+    spool_deliveries: IntCounterVec,
+    spool_attempts: Histogram,
+    spool_backend_up: IntGauge,
 }
 
 impl Default for Metrics {
@@ -193,6 +215,55 @@ impl Metrics {
             &["role", "result"],
         )
         .expect("valid metric");
+        let spool_depth = IntGauge::new(
+            "lfguard_spool_depth",
+            "Spooled callbacks waiting for delivery to the backend",
+        )
+        .expect("valid metric");
+        let spool_dead_letters = IntGauge::new(
+            "lfguard_spool_dead_letters",
+            "Spooled callbacks given up on (dead letters), kept until retried or dropped",
+        )
+        .expect("valid metric");
+        let spool_bytes = IntGauge::new(
+            "lfguard_spool_bytes",
+            "Bytes the spool holds (waiting callbacks and dead letters)",
+        )
+        .expect("valid metric");
+        let spool_bytes_limit = IntGauge::new(
+            "lfguard_spool_bytes_limit",
+            "delivery.max_spool_bytes: past it callbacks to spool are refused with 503 spool_full",
+        )
+        .expect("valid metric");
+        let spool_oldest_age = Gauge::new(
+            "lfguard_spool_oldest_age_seconds",
+            "Age of the oldest spooled callback waiting for delivery (0 when none waits)",
+        )
+        .expect("valid metric");
+        let spool_deliveries = IntCounterVec::new(
+            Opts::new(
+                "lfguard_spool_deliveries_total",
+                "Delivery attempts of spooled callbacks by result (delivered, retried, dead_lettered)",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let spool_attempts = Histogram::with_opts(
+            HistogramOpts::new(
+                "lfguard_spool_delivery_attempts",
+                "Attempts a spooled callback took, counted when it was delivered or dead-lettered",
+            )
+            .buckets(vec![1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0]),
+        )
+        .expect("valid metric");
+        let spool_backend_up = IntGauge::new(
+            "lfguard_spool_backend_up",
+            "1 when the last delivery of a spooled callback found the backend answering, else 0",
+        )
+        .expect("valid metric");
+        for result in ["delivered", "retried", "dead_lettered"] {
+            spool_deliveries.with_label_values(&[result]);
+        }
         let build_info = IntGaugeVec::new(
             Opts::new("lfguard_build_info", "The running lfguard version"),
             &["version"],
@@ -224,6 +295,14 @@ impl Metrics {
             Box::new(tls_certificate_expiry.clone()),
             Box::new(tls_handshake_failures.clone()),
             Box::new(tls_certificate_reloads.clone()),
+            Box::new(spool_depth.clone()),
+            Box::new(spool_dead_letters.clone()),
+            Box::new(spool_bytes.clone()),
+            Box::new(spool_bytes_limit.clone()),
+            Box::new(spool_oldest_age.clone()),
+            Box::new(spool_deliveries.clone()),
+            Box::new(spool_attempts.clone()),
+            Box::new(spool_backend_up.clone()),
             Box::new(build_info),
         ] {
             registry
@@ -258,6 +337,14 @@ impl Metrics {
             tls_certificate_expiry,
             tls_handshake_failures,
             tls_certificate_reloads,
+            spool_depth,
+            spool_dead_letters,
+            spool_bytes,
+            spool_bytes_limit,
+            spool_oldest_age,
+            spool_deliveries,
+            spool_attempts,
+            spool_backend_up,
         }
     }
 
@@ -290,6 +377,24 @@ impl Metrics {
             self.tls_certificate_reloads
                 .with_label_values(&[role, result]);
         }
+    }
+
+    /// One delivery attempt of a spooled callback: `result` is `delivered`, `retried` or
+    /// `dead_lettered`; `attempts` the attempts it took, once it left the queue.
+    pub fn spool_delivery(&self, result: &str, attempts: Option<u32>) {
+        self.spool_deliveries.with_label_values(&[result]).inc();
+        if let Some(attempts) = attempts {
+            self.spool_attempts.observe(f64::from(attempts));
+        }
+    }
+
+    pub fn spool_backend(&self, up: bool) {
+        self.spool_backend_up.set(i64::from(up));
+    }
+
+    /// The seconds one exchange with the backend took (a delivery of a spooled callback).
+    pub fn observe_upstream(&self, seconds: f64) {
+        self.upstream_duration.observe(seconds);
     }
 
     /// The counter of connections a listener closed to make room (`Connections` increments it).
@@ -353,6 +458,13 @@ impl Metrics {
             self.replay_entries.set(gauge(delivered));
             self.replay_in_flight.set(gauge(in_flight));
             self.replay_capacity.set(gauge(capacity));
+        }
+        if let Some(spool) = figures.spool {
+            self.spool_depth.set(gauge(spool.pending));
+            self.spool_dead_letters.set(gauge(spool.dead_letters));
+            self.spool_bytes.set(gauge(spool.bytes));
+            self.spool_bytes_limit.set(gauge(spool.bytes_limit));
+            self.spool_oldest_age.set(spool.oldest_age_seconds);
         }
         for (counter, total) in [
             (&self.replay_evictions, figures.replay_evictions),

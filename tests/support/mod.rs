@@ -103,6 +103,8 @@ struct BackendState {
     handshake_failures: Mutex<Vec<String>>,
     /// Connections served (for a TLS backend, those whose handshake completed).
     connections: std::sync::atomic::AtomicUsize,
+    /// Bodies containing the text get the status, whatever else is scripted (a poisoned callback).
+    refused: Mutex<Vec<(String, u16)>>,
 }
 
 /// Serves one backend connection; with `idle_timeout`, a kept-alive connection idle that long
@@ -225,6 +227,20 @@ impl Backend {
         *self.state.default_reply.lock().unwrap() = reply;
     }
 
+    /// Answers `status` to every request whose body contains `text`.
+    pub fn refuse_bodies_with(&self, text: &str, status: u16) {
+        self.state
+            .refused
+            .lock()
+            .unwrap()
+            .push((text.to_string(), status));
+    }
+
+    /// Forgets every `refuse_bodies_with`.
+    pub fn stop_refusing(&self) {
+        self.state.refused.lock().unwrap().clear();
+    }
+
     pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
         self.state.script.lock().unwrap().extend(replies);
     }
@@ -271,10 +287,20 @@ async fn record(
 ) -> Result<hyper::Response<Full<Bytes>>, hyper::Error> {
     let (parts, body) = request.into_parts();
     let body = body.collect().await?.to_bytes();
-    let reply = {
+    let refused = state
+        .refused
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(text, _)| contains_bytes(&body, text.as_bytes()))
+        .map(|&(_, status)| Reply {
+            status,
+            ..Reply::default()
+        });
+    let reply = refused.unwrap_or_else(|| {
         let scripted = state.script.lock().unwrap().pop_front();
         scripted.unwrap_or_else(|| state.default_reply.lock().unwrap().clone())
-    };
+    });
     {
         let mut recorded = state.recorded.lock().unwrap();
         recorded.push(Recorded {
@@ -303,6 +329,12 @@ async fn record(
         .headers_mut()
         .insert("x-backend", "recorded".parse().unwrap());
     Ok(response)
+}
+
+fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
 }
 
 // ---------------------------------------------------------------- lfguard
