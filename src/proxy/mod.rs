@@ -87,7 +87,9 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// `upstream` is the pool for `settings.upstream` (`Upstream::new`).
+    /// `upstream` is the pool for `settings.upstream` (`Upstream::new`); the rest is shared
+    /// with the server (admin, reload, the delivery worker).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: Settings,
         upstream: Arc<Upstream>,
