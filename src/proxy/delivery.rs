@@ -27,7 +27,7 @@ use crate::proxy::record::RequestLog;
 use crate::proxy::routes::RouteConfig;
 use crate::proxy::upstream::{Deadline, Upstream};
 use crate::state::replay::{self, Claim, ClaimGuard, Store};
-use crate::state::secrets::SecretStore;
+use crate::state::secrets::Partner;
 use crate::state::spool::{DeliveryMode, NewCallback, SpoolError};
 
 /// The header of the spooled-callback answer, and of each delivery of a spooled callback.
@@ -184,16 +184,11 @@ impl Proxy {
     pub(super) fn delivery_mode(
         &self,
         route: Option<&RouteConfig>,
-        secrets: &SecretStore,
-        log: &RequestLog,
+        partner: Option<&Partner>,
     ) -> DeliveryMode {
         route
             .and_then(|route| route.delivery)
-            .or_else(|| {
-                log.partner
-                    .as_deref()
-                    .and_then(|partner| secrets.delivery_for(partner))
-            })
+            .or_else(|| partner.and_then(|partner| partner.delivery))
             .unwrap_or(self.settings.delivery.mode)
     }
 

@@ -232,7 +232,7 @@ impl Proxy {
 
         // Spool mode: once the callback is on disk it is ours to deliver, so the sender gets its
         // answer now and the delivery worker (`worker`) hands it to the backend when it can.
-        if self.delivery_mode(route, &secrets, log) == DeliveryMode::Spool {
+        if self.delivery_mode(route, entry) == DeliveryMode::Spool {
             let response = self.spool(parts, body, peer, guard, log).await?;
             return Ok((response, Accepted::Spooled));
         }

@@ -202,11 +202,6 @@ impl SecretStore {
             .unwrap_or(self.default_mode)
     }
 
-    /// The partner's `delivery` override, if it has one.
-    pub fn delivery_for(&self, code: &str) -> Option<DeliveryMode> {
-        self.partner(code).and_then(|partner| partner.delivery)
-    }
-
     pub fn contains(&self, code: &str) -> bool {
         self.partners.contains_key(code)
     }
