@@ -39,20 +39,6 @@ fn read(relative: &str) -> String {
     std::fs::read_to_string(repo_file(relative)).unwrap_or_else(|err| panic!("{relative}: {err}"))
 }
 
-/// Whether a tool the examples need is installed; prints why a test is skipped when not.
-fn have(tool: &str, test: &str) -> bool {
-    let found = Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !found {
-        println!("skipping {test}: {tool} is not installed");
-    }
-    found
-}
-
 // ---------------------------------------------------------------- Markdown
 
 /// A fenced code block of a Markdown page.

@@ -41,26 +41,7 @@ fn admin_endpoints_answer_and_metrics_pass_promtool() {
 
     lfguard.post(&Callback::signed(sms_body()));
     let text = metrics(&lfguard);
-    let mut promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool is installed (Debian package prometheus; scripts/test installs it)");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let output = promtool.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    promtool_check_metrics(&text);
     assert_eq!(
         sample(&text, "lfguard_build_info{version=\"0.1.0\"}"),
         Some(1.0)

@@ -14,20 +14,6 @@ use std::time::Duration;
 use support::tls::*;
 use support::*;
 
-/// Whether a tool is installed; prints why a test is skipped when not.
-fn have(tool: &str, test: &str) -> bool {
-    let found = Command::new(tool)
-        .arg("version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !found {
-        println!("skipping {test}: {tool} is not installed");
-    }
-    found
-}
-
 /// lfguard with `[server.tls]` on `identity` (written into its directory as `server.crt` and
 /// `server.key`), and `extra` TOML.
 fn start_tls(backend: &Backend, identity: &Issued, extra: &str) -> Lfguard {
@@ -1010,29 +996,7 @@ fn tls_metrics_pass_promtool() {
         assert!(sample(&text, series).is_some(), "no {series} in\n{text}");
     }
     assert!(!text.contains("reason=\"closed\""), "{text}");
-    if !have("promtool", "promtool on the TLS metrics") {
-        return;
-    }
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let output = promtool.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    promtool_check_metrics(&text);
 }
 
 #[test]
